@@ -253,6 +253,8 @@ class DiscreteDiffusionModel(nn.Module):
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                           use_cache=False, is_causal=False).last_hidden_state
         if target_mask is not None:
+            if self.shift and target_mask[:, 0].any():
+                raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
             hidden = hidden[:, :-1][target_mask[:, 1:]] if self.shift else hidden[target_mask]
         return self.model.get_output_embeddings()(hidden)
 
@@ -373,10 +375,11 @@ def _prepare(model, input_ids, src_mask, attention_mask):
     return x, todo, att
 
 
-def _step_logits(model, x, att):
-    """The step helper every sampler shares: position-aligned float logits with [MASK] never proposed."""
-    logits = model.position_logits(x, att)
-    logits[..., model.mask_token_id] = float("-inf")
+def _step_logits(model, x, att, positions):
+    """The step helper every sampler shares: float logits [N, V] for the positions asked for (row-major),
+    with [MASK] never proposed. The LM head runs on those positions only."""
+    logits = model(x, att, target_mask=positions).float()
+    logits[:, model.mask_token_id] = float("-inf")
     return logits
 
 
@@ -384,20 +387,20 @@ def _step_logits(model, x, att):
 def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
                      topp_temp=0.9, generator=None, callback=None):
     """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 sample x0 for every
-    position from top-p filtered softmax(logits / logits_temp), and keep the sample of each still-masked
-    position with probability 1/t (so everything is revealed at t = 1). callback(step, x) sees each state."""
+    still-masked position from top-p filtered softmax(logits / logits_temp), and keep each sample with
+    probability 1/t (so everything is revealed at t = 1). callback(step, x) sees each state."""
     if diffusion_steps < 1:
         raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
-    x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
-    still = todo.clone()
+    x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
     for t in range(diffusion_steps, 0, -1):
-        logits = _step_logits(model, x, att)
-        logits = top_p_filter(logits / max(logits_temp, 1e-6), topp_temp)
-        probs = torch.softmax(logits, dim=-1)
-        x0 = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
-        reveal = still & (torch.rand(x.shape, device=x.device, generator=generator) < 1.0 / t)
-        x = torch.where(reveal, x0, x)
-        still &= ~reveal
+        if still.any():
+            logits = top_p_filter(_step_logits(model, x, att, still) / max(logits_temp, 1e-6), topp_temp)
+            x0 = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+            keep = torch.rand(x0.shape, device=x.device, generator=generator) < 1.0 / t
+            reveal = torch.zeros_like(still)
+            reveal[still] = keep
+            x[reveal] = x0[keep]
+            still &= ~reveal
         if callback is not None:
             callback(diffusion_steps - t + 1, x)
     return x
@@ -415,8 +418,8 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                    remasking="low_confidence", generator=None, callback=None):
     """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
     into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
-    Each step predicts x0 (Gumbel-max in float64 at `temperature`, greedy at 0) and commits the
-    most confident predictions (`low_confidence` remasking) or random ones (`random`) of the current block."""
+    Each step predicts x0 for the block's masked positions (Gumbel-max in float64 at `temperature`, greedy
+    at 0) and commits the most confident predictions (`low_confidence` remasking) or random ones (`random`)."""
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
     if block_length < 1 or steps < 1:
@@ -430,27 +433,31 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     block_steps = transfer_schedule(torch.tensor([steps]), n_blocks)[0].tolist()
     step = 0
     for blk in range(n_blocks):
-        in_block = block_of == blk
-        schedule = transfer_schedule(in_block.sum(1), block_steps[blk])
+        still = block_of == blk                            # masked positions of the current block
+        schedule = transfer_schedule(still.sum(1), block_steps[blk])
         for i in range(block_steps[blk]):
-            logits = _step_logits(model, x, att)
-            if temperature > 0:
-                u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
-                x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-            else:
-                x0 = logits.argmax(-1)
-            if remasking == "low_confidence":
-                conf = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-            else:
-                conf = torch.rand(x.shape, device=x.device, generator=generator)
-            still = in_block & (x == model.mask_token_id) & todo
-            conf = torch.where(still, conf, float("-inf"))
-            commit = torch.zeros_like(still)
-            for b in range(x.shape[0]):
-                k = int(schedule[b, i])
-                if k > 0:
-                    commit[b, conf[b].topk(k).indices] = True
-            x = torch.where(commit, x0, x)
+            if still.any():
+                logits = _step_logits(model, x, att, still)
+                if temperature > 0:
+                    u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
+                    x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+                else:
+                    x0 = logits.argmax(-1)
+                if remasking == "low_confidence":
+                    conf_sel = torch.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+                else:
+                    conf_sel = torch.rand(x0.shape, device=x.device, generator=generator)
+                conf = torch.full(x.shape, float("-inf"), device=x.device)
+                conf[still] = conf_sel
+                proposal = x.clone()
+                proposal[still] = x0
+                commit = torch.zeros_like(still)
+                for b in range(x.shape[0]):
+                    k = int(schedule[b, i])
+                    if k > 0:
+                        commit[b, conf[b].topk(k).indices] = True
+                x = torch.where(commit, proposal, x)
+                still &= ~commit
             step += 1
             if callback is not None:
                 callback(step, x)
