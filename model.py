@@ -80,9 +80,9 @@ def resolve_model_path(name):
         if not os.path.exists(os.path.join(name, "config.json")) and not _diffugpt_file(name):
             raise FileNotFoundError(f"--model_name {name}: folder has no config.json (not a model folder)")
         return name
-    if name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.isdir(name.split("/")[0]):
         raise FileNotFoundError(f"--model_name {name}: no such model folder")
-    return name  # a hub id
+    return name  # a hub id (owner/name)
 
 
 def load_tokenizer(path):
@@ -211,14 +211,18 @@ class DiscreteDiffusionModel(nn.Module):
             dtype = DTYPES[dtype]
         path = resolve_model_path(name_or_path)
         attn_implementation = resolve_attn_implementation(attn_implementation, device)
+        if os.path.isdir(path) and _diffugpt_file(path):
+            hf = load_diffugpt(path, base_model_name, dtype, attn_implementation)
+        else:
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+            except OSError as e:
+                raise FileNotFoundError(f"--model_name {name_or_path}: not a local folder, and the hub did not "
+                                        f"provide it: {str(e).splitlines()[0]}") from e
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
             if tokenizer is None and base_model_name:
                 tokenizer = load_tokenizer(base_model_name)
-        if os.path.isdir(path) and _diffugpt_file(path):
-            hf = load_diffugpt(path, base_model_name, dtype, attn_implementation)
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         if adapter_path is not None:
             if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
                 raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")

@@ -259,3 +259,16 @@ def test_registered_kernel_gets_padding_mask():
     with torch.no_grad():
         torch.testing.assert_close(custom(x, att)[att.bool()], ref(x, att)[att.bool()])
     assert calls and all(calls)
+
+
+def test_missing_model_paths_are_named(tmp_path, monkeypatch):
+    from model import resolve_model_path
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out")
+    for name in ["out/adapt", "./nothing", "/no/such/dir", "a/b/c"]:
+        with pytest.raises(FileNotFoundError, match=f"--model_name {name}: no such model folder"):
+            resolve_model_path(name)
+    os.makedirs("empty")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_path("empty")
+    assert resolve_model_path("gpt2-org/some-model") == "gpt2-org/some-model"   # left to the hub
