@@ -205,7 +205,8 @@ class DiscreteDiffusionModel(nn.Module):
     def from_pretrained(cls, name_or_path, tokenizer=None, mask_token_id=None, shift=None, base_model_name=None,
                         adapter_path=None, dtype=torch.float32, attn_implementation="sdpa", device="cpu"):
         """Load a diffusion LM saved by us, a released DiffuGPT/DiffuLLaMA checkpoint, or any causal LM
-        (which becomes a diffusion LM to adapt); optionally merge a PEFT LoRA adapter on top."""
+        (which becomes a diffusion LM to adapt); optionally merge a PEFT LoRA adapter on top.
+        A tokenizer passed in is used (and kept as model.tokenizer): a new mask token is added to it."""
         from transformers import AutoModelForCausalLM
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
@@ -287,13 +288,19 @@ def maskable_positions(input_ids, src_mask=None, attention_mask=None, shift=True
     return maskable
 
 
-def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMPLING_EPS):
-    """Forward (absorbing) process: t ~ U(eps, 1) per sequence, each maskable token -> [MASK] with
-    probability t. Returns (x_t, masked, t)."""
-    B, L = input_ids.shape
+def noise_draw(maskable, generator=None, t=None, eps=SAMPLING_EPS):
+    """The noise of the forward process: t ~ U(eps, 1) per sequence, and which maskable positions are
+    masked (each with probability t). Returns (masked, t)."""
+    B, L = maskable.shape
     if t is None:
-        t = (1 - eps) * torch.rand(B, device=input_ids.device, generator=generator) + eps
-    masked = (torch.rand(B, L, device=input_ids.device, generator=generator) < t[:, None]) & maskable
+        t = (1 - eps) * torch.rand(B, device=maskable.device, generator=generator) + eps
+    masked = (torch.rand(B, L, device=maskable.device, generator=generator) < t[:, None]) & maskable
+    return masked, t
+
+
+def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMPLING_EPS):
+    """Forward (absorbing) process: each maskable token -> [MASK] with probability t. Returns (x_t, masked, t)."""
+    masked, t = noise_draw(maskable, generator, t, eps)
     return input_ids.masked_fill(masked, mask_token_id), masked, t
 
 

@@ -36,8 +36,8 @@ model = DiscreteDiffusionModel.from_pretrained(args.model_name, dtype=dtype, dev
 batch = build_inputs(model.tokenizer, [args.prompt], args.gen_len, mask_token_id=model.mask_token_id)
 
 
-def timed(fn):
-    fn()  # warm-up
+def timed(fn, warmup):
+    warmup()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     best = float("inf")
@@ -52,8 +52,9 @@ def timed(fn):
 
 rows = []
 for name in ("diffullama", "low_confidence", "random"):
-    secs = timed(lambda: sample(model, batch, name, args.diffusion_steps, block_length=args.block_length,
-                                generator=torch.Generator(args.device).manual_seed(0)))
+    run = lambda steps: sample(model, batch, name, steps, block_length=args.block_length,  # noqa: E731
+                               generator=torch.Generator(args.device).manual_seed(0))
+    secs = timed(lambda: run(args.diffusion_steps), lambda: run(args.gen_len // args.block_length))
     rows.append((f"{name} ({args.diffusion_steps} steps" + (f", blocks of {args.block_length})" if name != "diffullama" else ")"), secs))
 
 # the AR model's own greedy decoding with KV cache, on the same weights and causal attention
@@ -61,8 +62,9 @@ hf = model.model
 hf.config.is_causal = True
 ids = batch["input_ids"][:, batch["attention_mask"][0].bool()][:, :int(batch["src_mask"].sum())].to(args.device)
 with torch.no_grad():
-    secs = timed(lambda: hf.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len, do_sample=False,
-                                     use_cache=True, pad_token_id=model.tokenizer.eos_token_id))
+    gen = lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,  # noqa: E731
+                                pad_token_id=model.tokenizer.eos_token_id)
+    secs = timed(lambda: gen(args.gen_len), lambda: gen(8))
 rows.append(("AR greedy generate, KV cache", secs))
 hf.config.is_causal = False
 

