@@ -359,16 +359,21 @@ def build_inputs(tokenizer, prompts, gen_len, suffixes=None, mask_token_id=None,
 # -----------------------------------------------------------------------------
 # samplers
 
-def top_p_filter(logits, p):
-    """Keep the smallest set of tokens whose probability reaches p (always the most likely one)."""
+def top_p_filter(logits, p, candidates=1024):
+    """Keep the smallest set of tokens whose probability reaches p (always the most likely one); the rest
+    get -inf. Exact; it sorts only the top `candidates` logits when those already hold mass p in every
+    row (the usual case), else the whole vocabulary."""
     if p >= 1.0:
         return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    k = min(candidates, logits.shape[-1])
+    top, idx = logits.topk(k, dim=-1) if k < logits.shape[-1] else torch.sort(logits, descending=True, dim=-1)
+    cum = (top - logits.logsumexp(-1, keepdim=True)).exp().cumsum(-1)
+    if k < logits.shape[-1] and not (cum[..., -1] >= p).all():
+        return top_p_filter(logits, p, logits.shape[-1])
     remove = cum > p
     remove[..., 1:] = remove[..., :-1].clone()
     remove[..., 0] = False
-    return logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, top.masked_fill(remove, float("-inf")))
 
 
 def _prepare(model, input_ids, src_mask, attention_mask):

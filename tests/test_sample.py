@@ -176,3 +176,21 @@ def test_embedded_model_builds_and_gets_a_mask_token():
     batch = build_inputs(m.tokenizer, ["ROMEO:"], 4, mask_token_id=m.mask_token_id)
     out = sample(m, batch, "low_confidence", diffusion_steps=2)
     assert not (out == m.mask_token_id).any() and torch.equal(out[batch["src_mask"]], batch["input_ids"][batch["src_mask"]])
+
+
+@pytest.mark.parametrize("scale", [0.5, 8.0])          # flat (full sort) and peaked (top candidates) rows
+def test_top_p_filter_matches_full_sort(scale):
+    from model import top_p_filter
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * scale
+    logits[0, 7] = float("-inf")
+    for p in (0.1, 0.5, 0.9, 0.99):
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        remove = cum > p
+        remove[:, 1:] = remove[:, :-1].clone()
+        remove[:, 0] = False
+        want = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+        got = top_p_filter(logits, p, candidates=64)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[~torch.isinf(got)], want[~torch.isinf(want)])
+    assert top_p_filter(logits, 1.0) is logits
