@@ -74,8 +74,10 @@ def main(argv=None):
     if tok is None:
         args.error(f"--model_name {args.model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
     prompts = [p for p in (args.prompt or [None]) for _ in range(args.num_samples)]
-    try:
-        build_inputs(tok, prompts[:1], args.gen_len, [args.suffix], model.mask_token_id, max_positions(model.config))
+    try:  # check every prompt's length before any work
+        distinct = list(dict.fromkeys(prompts))
+        build_inputs(tok, distinct, args.gen_len, [args.suffix] * len(distinct), model.mask_token_id,
+                     max_positions(model.config))
     except ValueError as e:
         args.error(str(e))
 
@@ -84,11 +86,7 @@ def main(argv=None):
     results = []
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
-        try:
-            batch = build_inputs(tok, chunk, args.gen_len, [args.suffix] * len(chunk), model.mask_token_id,
-                                 max_positions(model.config))
-        except ValueError as e:
-            args.error(str(e))
+        batch = build_inputs(tok, chunk, args.gen_len, [args.suffix] * len(chunk), model.mask_token_id)
         att = batch["attention_mask"]
 
         def show(step, x):
