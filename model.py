@@ -38,6 +38,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # -----------------------------------------------------------------------------
 # loading helpers
 
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device):
+    """The --dtype default: bfloat16 on a GPU that supports it, float32 elsewhere."""
+    return "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
 def cache_dir():
     return os.environ.get("DLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dlm"))
 

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from model import DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, max_positions, sample
+from model import (DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, default_device, default_dtype,
+                   max_positions, sample)
 
 
 def parse_args(argv=None):
@@ -60,8 +61,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device = args.device or default_device()
+    dtype = args.dtype or default_dtype(device)
     try:
         model = DiscreteDiffusionModel.from_pretrained(
             args.model_name, mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,

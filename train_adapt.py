@@ -57,8 +57,8 @@ import numpy as np
 import torch
 
 from attention_patch import anneal_ratio, resolve_attn_implementation
-from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, diffusion_loss, load_tokenizer, noise_draw,
-                   maskable_positions, max_positions, resolve_model_path)
+from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, default_device, default_dtype, diffusion_loss,
+                   load_tokenizer, maskable_positions, max_positions, noise_draw, resolve_model_path)
 
 SHAKESPEARE = "shakespeare"
 VAL_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole from the demo corpus
@@ -660,10 +660,7 @@ def main(argv=None):
     hf_logging.disable_progress_bar()  # keep one progress bar: ours
 
     # device, dtype, attention
-    if args.device is None:
-        args_device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        args_device = args.device
+    args_device = args.device or default_device()
     if args_device.startswith("cuda"):
         if not torch.cuda.is_available():
             die(f"--device {args_device}: CUDA is not available")
@@ -672,7 +669,7 @@ def main(argv=None):
     else:
         device = args_device
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = args.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    dtype = args.dtype or default_dtype(device)
     weight_dtype = torch.bfloat16 if dtype == "bf16-weights" else torch.float32
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
     try:

@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import DTYPES, DiscreteDiffusionModel, build_inputs, sample  # noqa: E402
+from model import DTYPES, DiscreteDiffusionModel, build_inputs, default_device, default_dtype, sample  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model_name", default="smollm2-135m")
@@ -25,11 +25,11 @@ p.add_argument("--gen_len", type=int, default=256)
 p.add_argument("--diffusion_steps", type=int, default=64)
 p.add_argument("--block_length", type=int, default=32)
 p.add_argument("--repeats", type=int, default=2)
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--device", default=default_device())
 p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
 p.add_argument("--attn_implementation", default="sdpa")
 args = p.parse_args()
-dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+dtype = args.dtype or default_dtype(args.device)
 
 model = DiscreteDiffusionModel.from_pretrained(args.model_name, dtype=dtype, device=args.device,
                                                attn_implementation=args.attn_implementation).eval()
