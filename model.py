@@ -238,6 +238,13 @@ class DiscreteDiffusionModel(nn.Module):
                 raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
             from peft import PeftModel
             hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
+        if getattr(hf.config, "is_causal", True) is not False and not getattr(hf.config, "adapted_from", None):
+            # a causal LM about to become a diffusion LM: remember its parent (eval_zeroshot.py --ar scores it)
+            from_diffugpt = os.path.isdir(path) and _diffugpt_file(path)
+            parent = base_model_name if from_diffugpt else (os.path.abspath(path) if os.path.isdir(path) and
+                                                            name_or_path != EMBEDDED_MODEL else name_or_path)
+            if parent:
+                hf.config.adapted_from = parent
         if mask_token_id is None:
             mask_token_id = getattr(hf.config, "mask_token_id", None)
         mask_token_id = resolve_mask_token(hf, tokenizer, mask_token_id)
@@ -327,7 +334,129 @@ def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_ma
 
 
 # -----------------------------------------------------------------------------
+# likelihood (shared by eval_zeroshot.py, its lm-eval adapter and train_sft.py)
+
+ELBO_METHODS = ("stratified", "antithetic", "iid", "deterministic")
+
+
+def elbo_draws(n, mc_num, method="stratified", generator=None):
+    """The noise of `mc_num` ELBO draws for one sequence with n target tokens: which targets each draw
+    masks ([mc_num, n] bool) and the draw's weight ([mc_num]). Every method is unbiased for
+    ELBO = E_{k ~ U{1..n}} E_{S, |S| = k} [(n / k) * sum_{i in S} log p(x_i | x without S)], except
+    `deterministic`, a quadrature over fixed levels:
+      iid          k ~ U{1..n} per draw, S a uniform subset of size k, weight n / k;
+      stratified   k spread evenly over 1..n (k_j = (k_0 + floor(j n / mc_num)) mod n + 1, k_0 uniform),
+                   so every k is equally represented; the marginal of each draw is the iid one;
+      antithetic   pairs (k, S) and (n + 1 - k, the complement of S plus one of its tokens), both from one
+                   random order of the targets: a draw that masks few tokens meets one that masks many;
+      deterministic  DiffuLLaMA's: levels t_j = j / mc_num, each target masked with probability t_j,
+                   weight 1 / t_j (a draw that masks nothing scores 0)."""
+    if method not in ELBO_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ELBO_METHODS)}, got {method!r}")
+    if mc_num < 1:
+        raise ValueError(f"--mc_num must be >= 1, got {mc_num}")
+    dev = generator.device if generator is not None else torch.device("cpu")
+    if method == "deterministic":
+        t = torch.arange(1, mc_num + 1, device=dev, dtype=torch.float64) / mc_num
+        masked = torch.rand(mc_num, n, device=dev, generator=generator, dtype=torch.float64) < t[:, None]
+        return masked, 1.0 / t
+    if method == "iid":
+        k = torch.randint(1, n + 1, (mc_num,), device=dev, generator=generator)
+    elif method == "stratified":
+        k0 = torch.randint(0, n, (), device=dev, generator=generator)
+        k = (k0 + torch.arange(mc_num, device=dev) * n // mc_num) % n + 1
+    else:  # antithetic
+        half = (mc_num + 1) // 2
+        k = torch.randint(1, n + 1, (half,), device=dev, generator=generator)
+        k = torch.cat([k, n + 1 - k])[:mc_num]
+    rank = torch.rand(mc_num, n, device=dev, generator=generator).argsort(-1).argsort(-1)
+    if method == "antithetic":  # the partner reads the same order backwards
+        half = (mc_num + 1) // 2
+        rank[half:] = n - 1 - rank[:mc_num - half]
+    return rank < k[:, None], n / k.double()
+
+
+@torch.no_grad()
+def elbo_loglik(model, input_ids, target_mask, attention_mask=None, mc_num=64, generator=None,
+                method="stratified", batch_size=64):
+    """Monte-Carlo estimate of the ELBO lower bound of log p(target tokens | the other tokens) under the
+    diffusion model, one value per row ([B] float64). Each of `mc_num` draws masks some target tokens
+    (see elbo_draws for the methods), scores them from the rest (the shift convention is handled by
+    model.forward's target_mask path) and weighs the summed log-probabilities; the estimate is the
+    mean over draws. Rows may be left-padded (attention_mask) and have any number of targets (0 gives
+    0). `generator` is one torch.Generator, or a list with one per row: then a row's estimate does not
+    depend on the other rows of the batch. `batch_size` sequences go through the model at a time."""
+    target_mask = target_mask.bool()
+    if attention_mask is not None:
+        if (target_mask & ~attention_mask.bool()).any():
+            raise ValueError("target_mask marks padding positions")
+    if model.shift and target_mask[:, 0].any():
+        raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
+    B, L = input_ids.shape
+    gens = generator if isinstance(generator, (list, tuple)) else [generator] * B
+    if len(gens) != B:
+        raise ValueError(f"got {len(gens)} generators for {B} rows")
+    masks, weights, owner = [], [], []
+    for b in range(B):
+        pos = target_mask[b].nonzero().squeeze(1)
+        if len(pos) == 0:
+            continue
+        drawn, w = elbo_draws(len(pos), mc_num, method, gens[b])
+        keep = drawn.any(1)                          # a draw that masks nothing adds 0: skip its forward
+        full = torch.zeros(int(keep.sum()), L, dtype=torch.bool)
+        full[:, pos.cpu()] = drawn[keep].cpu()
+        masks.append(full)
+        weights.append(w[keep].cpu())
+        owner += [b] * int(keep.sum())
+    total = torch.zeros(B, dtype=torch.float64)
+    if owner:
+        masks, weights, owner = torch.cat(masks), torch.cat(weights), torch.tensor(owner)
+        dev = input_ids.device
+        for s in range(0, len(owner), batch_size):
+            o, m = owner[s:s + batch_size].to(dev), masks[s:s + batch_size].to(dev)
+            x = input_ids[o]
+            xt = x.masked_fill(m, model.mask_token_id)
+            att = None if attention_mask is None else attention_mask[o]
+            logits = model(xt, att, target_mask=m).float()
+            logp = -F.cross_entropy(logits, x[m], reduction="none").double().cpu()
+            draw = torch.arange(len(o)).repeat_interleave(m.sum(1).cpu())
+            per_draw = torch.zeros(len(o), dtype=torch.float64).index_add_(0, draw, logp)
+            total.index_add_(0, o.cpu(), per_draw * weights[s:s + batch_size])
+    return (total / mc_num).to(input_ids.device)
+
+
+# -----------------------------------------------------------------------------
 # inputs for sampling
+
+def start_token_id(tokenizer):
+    """The token every sequence starts with (BOS, else EOS): with shift the first token is never predicted."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_token_id(tokenizer):
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def layout_rows(rows, mask_token_id, pad_id, max_len=None):
+    """Left-padded sampler inputs from token ids: each row (prefix_ids, gen_len, suffix_ids) becomes
+    prefix [MASK]*gen_len suffix. Returns input_ids, src_mask (fixed positions) and attention_mask."""
+    longest = max(len(p) + n + len(s) for p, n, s in rows)
+    if max_len is not None and longest > max_len:
+        pre, gen, suf = (max(len(p) for p, _, _ in rows), max(n for _, n, _ in rows), max(len(s) for _, _, s in rows))
+        raise ValueError(f"prompt ({pre} tokens) + --gen_len ({gen}) + suffix ({suf} tokens) = {longest} tokens, "
+                         f"more than the model's maximum of {max_len} positions")
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    src = torch.zeros_like(ids, dtype=torch.bool)
+    att = torch.zeros_like(ids)
+    for b, (pre, n, suf) in enumerate(rows):
+        row = list(pre) + [mask_token_id] * n + list(suf)
+        off = longest - len(row)
+        ids[b, off:] = torch.tensor(row, dtype=torch.long)
+        att[b, off:] = 1
+        src[b, off:off + len(pre)] = True
+        src[b, longest - len(suf):] = len(suf) > 0
+    return {"input_ids": ids, "src_mask": src, "attention_mask": att}
+
 
 def build_inputs(tokenizer, prompts, gen_len, suffixes=None, mask_token_id=None, max_len=None, add_bos=True):
     """Lay out a batch for the samplers, left-padded: [BOS] prompt [MASK]*gen_len suffix.
@@ -337,8 +466,7 @@ def build_inputs(tokenizer, prompts, gen_len, suffixes=None, mask_token_id=None,
     if gen_len < 1:
         raise ValueError(f"--gen_len must be >= 1, got {gen_len}")
     mask_token_id = tokenizer.mask_token_id if mask_token_id is None else mask_token_id
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    start = start_token_id(tokenizer)
     suffixes = suffixes or [None] * len(prompts)
     rows = []
     for prompt, suffix in zip(prompts, suffixes):
@@ -346,23 +474,8 @@ def build_inputs(tokenizer, prompts, gen_len, suffixes=None, mask_token_id=None,
         if add_bos and start is not None and (not pre or pre[0] != start):
             pre = [start] + pre
         suf = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
-        rows.append((pre, suf))
-    longest = max(len(p) + gen_len + len(s) for p, s in rows)
-    if max_len is not None and longest > max_len:
-        raise ValueError(f"prompt ({max(len(p) for p, _ in rows)} tokens) + --gen_len ({gen_len}) + suffix "
-                         f"({max(len(s) for _, s in rows)} tokens) = {longest} tokens, more than the model's "
-                         f"maximum of {max_len} positions")
-    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    src = torch.zeros_like(ids, dtype=torch.bool)
-    att = torch.zeros_like(ids)
-    for b, (pre, suf) in enumerate(rows):
-        row = pre + [mask_token_id] * gen_len + suf
-        off = longest - len(row)
-        ids[b, off:] = torch.tensor(row)
-        att[b, off:] = 1
-        src[b, off:off + len(pre)] = True
-        src[b, longest - len(suf):] = len(suf) > 0
-    return {"input_ids": ids, "src_mask": src, "attention_mask": att}
+        rows.append((pre, gen_len, suf))
+    return layout_rows(rows, mask_token_id, pad_token_id(tokenizer), max_len)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""
+Evaluation speed: examples per second of each kind of zero-shot task, for the diffusion model and for
+the AR model on the same weights, through eval_zeroshot.py's own scoring (run_task).
+
+    python bench/bench_eval.py                                   # embedded model, CPU, fp32
+    python bench/bench_eval.py --model_name out/adapt/final --mc_num 64 --n 8 --device cuda
+
+The examples are cut from a plain text file (default: ../shared/data/wiki_demo.txt beside the repo;
+--text FILE for another) into the shapes of the real tasks, so no task data is needed:
+  lambada    an 80-token passage, its last word generated (one token per step)
+  multiple   hellaswag-like: a 40-token context, 4 endings of 20 tokens, scored by the ELBO (--mc_num)
+  infill     rocstories-like: 4 sentences around a 12-token sentence to fill in
+  generate   gsm8k-like: a 40-token question, a 64-token answer generated
+The cost of a diffusion example does not depend on training. Prints a markdown table.
+"""
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval_zeroshot as ez  # noqa: E402
+from model import DTYPES, default_device, default_dtype  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+p = argparse.ArgumentParser()
+p.add_argument("--model_name", default="smollm2-135m")
+p.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "wiki_demo.txt"))
+p.add_argument("--n", type=int, default=8, help="examples per task kind")
+p.add_argument("--n_multiple", type=int, default=2, help="examples of the multiple-choice kind (4 x mc_num forwards each)")
+p.add_argument("--mc_num", type=int, default=64)
+p.add_argument("--batch_size", type=int, default=32)
+p.add_argument("--device", default=default_device())
+p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+args = p.parse_args()
+if not os.path.isfile(args.text):
+    p.error(f"--text {args.text}: no such file")
+dtype = args.dtype or default_dtype(args.device)
+
+words = open(args.text, encoding="utf-8").read().split()
+rng = random.Random(0)
+
+
+def span(n_words):
+    s = rng.randrange(0, len(words) - n_words)
+    return " ".join(words[s:s + n_words])
+
+
+# about 0.75 words a token for English text under BPE tokenizers
+lam = [ez.make_example("lambada", {"text": span(60)}, "bench", i) for i in range(args.n)]
+mc = [{"pairs": [(ctx, " " + span(15)) for _ in range(4)], "gold": 0} for ctx in (span(30) for _ in range(args.n_multiple))]
+infill = [{"prefix": span(30), "target": " " + span(9), "suffix": " " + span(20)} for _ in range(args.n)]
+gen = [{"context": span(30), "target": " " + span(48) + " #### 1", "answer": "1"} for _ in range(args.n)]
+kinds = [("lambada", "lambada", lam, None), ("multiple", "hellaswag", mc, None), ("infill", "rocstories", infill, None),
+         ("generate", "gsm8k", gen, 64)]
+
+rows = []
+for ar in (False, True):
+    scorer = ez.Scorer(args.model_name, ar=ar, mc_num=args.mc_num, batch_size=args.batch_size, device=args.device,
+                       dtype=dtype)
+    ez.run_task(scorer, "lambada", lam[:1], progress=False)       # warm-up
+    for kind, task, exs, gen_len in kinds:
+        t0 = time.time()
+        ez.run_task(scorer, task, exs, gen_len=gen_len, progress=False)
+        secs = time.time() - t0
+        rows.append((kind, "AR" if ar else "diffusion", len(exs), secs))
+
+print(f"model {args.model_name}, {args.device}, {dtype}, batch_size {args.batch_size}, mc_num {args.mc_num}")
+print("| task kind | model | examples | seconds | examples/s |")
+print("|---|---|---|---|---|")
+for kind, who, n, secs in rows:
+    print(f"| {kind} | {who} | {n} | {secs:.1f} | {n / secs:.3f} |")

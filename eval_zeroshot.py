@@ -1,0 +1,760 @@
+"""
+Zero-shot evaluation of a diffusion LM beside its AR parent, on the DiffuGPT/DiffuLLaMA suite
+(LAMBADA, HellaSwag, Winogrande, PIQA, SIQA, ROCStories, TriviaQA, GSM8K), from local files.
+
+    python eval_zeroshot.py --model_name out/adapt/final --tasks lambada --data_path ../shared/data/lambada_test.txt
+    python eval_zeroshot.py --model_name out/adapt/final --tasks lambada --data_path ../shared/data/lambada_test.txt --ar
+    python eval_zeroshot.py --model_name out/adapt/final --tasks lambada,gsm8k --data_dir ../shared/data --limit 100
+    python eval_zeroshot.py --model_name M --tasks hellaswag,piqa --data_dir data/ --mc_num 64 --output results.json
+    python eval_zeroshot.py --model_name M --lm_eval_tasks my_task --lm_eval_include tasks/     # through lm-eval
+
+--ar scores the same examples with the AR model the checkpoint was adapted from (recorded in its
+config as `adapted_from`, or in the run's args.json), or with --model_name itself when that is a
+causal LM: exact log-likelihoods and greedy decoding, the paper's AR row.
+From Python, the lm-eval model "dlm" is registered on import:
+    import eval_zeroshot, lm_eval
+    lm_eval.simple_evaluate(model="dlm", model_args="model_name=out/adapt/final,mc_num=64", tasks=[...])
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+import zlib
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from attention_patch import resolve_attn_implementation
+from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, default_device, default_dtype,
+                   elbo_loglik, layout_rows, load_tokenizer, max_positions, pad_token_id, resolve_model_path, sample,
+                   start_token_id)
+
+TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "rocstories", "triviaqa", "gsm8k")
+# --data_dir DIR reads DIR/<name>.<ext>, the first name and extension found
+DATA_FILES = {t: [t] for t in TASKS} | {"lambada": ["lambada", "lambada_test"], "gsm8k": ["gsm8k", "gsm8k_test"]}
+EXTENSIONS = (".jsonl", ".json", ".csv", ".txt")
+# the usual public copy of each task (datasets.load_dataset), used with --download
+HF_SOURCES = {"lambada": ("EleutherAI/lambada_openai", "default", "test"),
+              "hellaswag": ("Rowan/hellaswag", None, "validation"),
+              "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+              "piqa": ("ybisk/piqa", None, "validation"), "siqa": ("allenai/social_i_qa", None, "validation"),
+              "triviaqa": ("mandarjoshi/trivia_qa", "rc.nocontext", "validation"),
+              "gsm8k": ("openai/gsm8k", "main", "test")}
+
+
+class EvalError(Exception):
+    """Bad input: reported as one line naming the flag, file or line."""
+
+
+# -----------------------------------------------------------------------------
+# reading task files: JSON (a list, or {"data": [...]}), JSONL, CSV (header row) or TXT (one record a line)
+
+def read_records(path):
+    if not os.path.isfile(path):
+        raise EvalError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8", newline="" if ext == ".csv" else None) as f:
+            if ext == ".jsonl":
+                records = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise EvalError(f"{path} line {i}: not valid JSON ({e.msg})")
+            elif ext == ".json":
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path} line {e.lineno}: not valid JSON ({e.msg})")
+                records = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+                if not isinstance(records, list):
+                    raise EvalError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+            elif ext == ".csv":
+                records = list(csv.DictReader(f))
+            else:
+                records = [{"text": line.rstrip("\n")} for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise EvalError(f"{path}: not UTF-8 text")
+    for i, r in enumerate(records, 1):
+        if isinstance(r, str):
+            records[i - 1] = r = {"text": r}
+        if not isinstance(r, dict):
+            raise EvalError(f"{path} record {i}: expected an object with named fields, got {type(r).__name__}")
+    if not records:
+        raise EvalError(f"{path}: no records")
+    return records
+
+
+def find_data_file(task, data_dir):
+    for name in DATA_FILES[task]:
+        for ext in EXTENSIONS:
+            if os.path.isfile(os.path.join(data_dir, name + ext)):
+                return os.path.join(data_dir, name + ext)
+    return None
+
+
+def load_task_records(task, data_path=None, data_dir=None, download=False):
+    if data_path:
+        return read_records(data_path), data_path
+    path = find_data_file(task, data_dir) if data_dir else None
+    if path:
+        return read_records(path), path
+    wanted = " or ".join(f"{n}{{{','.join(EXTENSIONS)}}}" for n in DATA_FILES[task])
+    where = f"--data_dir {data_dir} has no {wanted}" if data_dir else f"no data for task {task}"
+    if not download or task not in HF_SOURCES:
+        raise EvalError(f"{where}: pass --data_path FILE (one task) or --data_dir DIR holding {wanted}"
+                        + (" (or --download to fetch the public copy with the datasets package)" if task in HF_SOURCES else ""))
+    try:
+        import datasets
+        name, config, split = HF_SOURCES[task]
+        return [dict(r) for r in datasets.load_dataset(name, config, split=split)], f"hf:{name}"
+    except Exception as e:  # no package, no network, or no such copy
+        raise EvalError(f"{where}, and --download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        f"pass --data_path FILE or --data_dir DIR holding {wanted}")
+
+
+# -----------------------------------------------------------------------------
+# tasks: a raw record -> an example. Every scored string starts with a space where it follows a word,
+# as in the tasks' usual lm-eval prompts; field names are those of the public releases.
+
+def field(r, *names, path="", i=0):
+    for n in names:
+        if n in r and r[n] is not None:
+            return r[n]
+    raise EvalError(f"{path} record {i}: missing field {' or '.join(repr(n) for n in names)}")
+
+
+def hellaswag_clean(text):
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def make_example(task, r, path, i, infill_sentence=4):
+    f = lambda *names: field(r, *names, path=path, i=i)
+    if task == "lambada":
+        text = str(f("text")).strip()
+        if " " not in text:
+            raise EvalError(f"{path} record {i}: a LAMBADA passage needs at least two words")
+        ctx, word = text.rsplit(" ", 1)
+        return {"context": ctx, "target": " " + word, "word": word}
+    if task in ("hellaswag", "piqa", "siqa", "winogrande"):
+        if task == "hellaswag":
+            ctx = hellaswag_clean(f("activity_label") + ": " + f("ctx_a") + " " + str(f("ctx_b")).capitalize())
+            endings = f("endings")
+            endings = json.loads(endings) if isinstance(endings, str) else endings
+            pairs = [(ctx, " " + hellaswag_clean(e)) for e in endings]
+            gold = int(f("label"))
+        elif task == "piqa":
+            ctx = f"Question: {f('goal')}\nAnswer:"
+            pairs = [(ctx, " " + f("sol1")), (ctx, " " + f("sol2"))]
+            gold = int(f("label"))
+        elif task == "siqa":
+            ctx = f"Question: {f('context')} {f('question')}\nAnswer:"
+            pairs = [(ctx, " " + f(k)) for k in ("answerA", "answerB", "answerC")]
+            gold = int(f("label")) - 1
+        else:  # winogrande: the option fills the blank; the rest of the sentence is scored (partial scoring)
+            sentence = f("sentence")
+            if "_" not in sentence:
+                raise EvalError(f"{path} record {i}: a Winogrande sentence needs a '_' blank")
+            idx = sentence.index("_")
+            rest = " " + sentence[idx + 1:].strip()
+            pairs = [(sentence[:idx] + f("option1"), rest), (sentence[:idx] + f("option2"), rest)]
+            gold = int(f("answer")) - 1
+        if not 0 <= gold < len(pairs):
+            raise EvalError(f"{path} record {i}: answer index {gold} outside the {len(pairs)} choices")
+        return {"pairs": pairs, "gold": gold}
+    if task == "rocstories":
+        if "sentence1" in r or "InputSentence1" in r:
+            if "sentence5" in r:
+                sents = [f(f"sentence{k}") for k in range(1, 6)]
+            else:  # the Story Cloze release: four sentences and the right one of two endings
+                ending = f("RandomFifthSentenceQuiz1") if str(f("AnswerRightEnding")) == "1" else f("RandomFifthSentenceQuiz2")
+                sents = [f(f"InputSentence{k}") for k in range(1, 5)] + [ending]
+        else:
+            sents = f("sentences")
+        k = infill_sentence - 1
+        if not 0 <= k < len(sents):
+            raise EvalError(f"--infill_sentence {infill_sentence}: {path} record {i} has {len(sents)} sentences")
+        return {"prefix": " ".join(sents[:k]), "target": (" " if k else "") + sents[k],
+                "suffix": (" " + " ".join(sents[k + 1:])) if k + 1 < len(sents) else ""}
+    if task == "triviaqa":
+        ans = f("answer", "answers")
+        if isinstance(ans, dict):
+            ans = [ans["value"]] + list(ans.get("aliases", []))
+        ans = [ans] if isinstance(ans, str) else list(ans)
+        return {"context": f"Question: {f('question')}?\nAnswer:", "answers": ans}
+    if task == "gsm8k":
+        out = str(f("output", "answer"))
+        gold = gsm8k_number(out)
+        if gold is None:
+            raise EvalError(f"{path} record {i}: the answer has no '#### <number>'")
+        return {"context": f"Question: {f('instruction', 'question')}\nAnswer:", "target": " " + out, "answer": gold}
+    raise EvalError(f"--tasks: unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def gsm8k_number(text):
+    """The number after the first '####', without commas, '$' or a trailing '.0'; None if there is none."""
+    m = re.search(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+    if not m:
+        return None
+    num = m.group(1).replace(",", "")
+    return num[:-2] if num.endswith(".0") else num
+
+
+def normalize_answer(s):
+    """SQuAD/TriviaQA normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def rouge_tokens(text):
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_n(pred, ref, n):
+    """ROUGE-N F1 on lower-cased alphanumeric tokens (no stemming)."""
+    grams = lambda t: Counter(tuple(t[i:i + n]) for i in range(len(t) - n + 1))
+    p, r = grams(rouge_tokens(pred)), grams(rouge_tokens(ref))
+    hit = sum((p & r).values())
+    if not hit:
+        return 0.0
+    prec, rec = hit / sum(p.values()), hit / sum(r.values())
+    return 2 * prec * rec / (prec + rec)
+
+
+def rouge_l(pred, ref):
+    """ROUGE-L F1: longest common subsequence of tokens."""
+    a, b = rouge_tokens(pred), rouge_tokens(ref)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    prec, rec = lcs / len(a), lcs / len(b)
+    return 2 * prec * rec / (prec + rec)
+
+
+def mean_stderr(values):
+    """Mean and its standard error (sample standard deviation / sqrt(n), as lm-eval reports it)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+# -----------------------------------------------------------------------------
+# the scorer: one model, diffusion (ELBO, the samplers) or AR (exact log-likelihood, greedy decoding)
+
+def ar_parent(model_name, base_model_name=None):
+    """The AR model a diffusion checkpoint came from: `adapted_from` in its config, else --base_model_name
+    (a DiffuGPT checkpoint's GPT-2), else `model_name` in the args.json of the run folder around it, else
+    the model itself."""
+    try:
+        path = resolve_model_path(model_name)
+    except FileNotFoundError as e:
+        raise EvalError(str(e))
+
+    def entry(file, key):
+        if not os.path.isfile(file):
+            return None
+        with open(file) as f:
+            return json.load(f).get(key)
+
+    if os.path.isdir(path):
+        run_dir = os.path.dirname(os.path.abspath(path))
+        parent = (entry(os.path.join(path, "config.json"), "adapted_from") or base_model_name
+                  or entry(os.path.join(run_dir, "args.json"), "model_name")
+                  or entry(os.path.join(path, "args.json"), "model_name"))
+        if parent:
+            return parent
+    return model_name
+
+
+class Scorer:
+    """Scores (context, continuation) pairs and generates spans, with a diffusion LM or a causal LM (ar=True),
+    from identical token ids. Every ELBO row draws its noise from a generator seeded by --seed and the
+    row's tokens, so a score does not depend on the batch or the order it came in."""
+
+    def __init__(self, model_name, ar=False, mc_num=64, method="stratified", batch_size=32, seed=0, dtype=None,
+                 device=None, sampler="low_confidence", diffusion_steps=None, block_length=None, temperature=0.0,
+                 logits_temp=0.95, topp_temp=0.9, mask_token_id=None, base_model_name=None, adapter_path=None,
+                 attn_implementation="sdpa"):
+        self.device = device or default_device()
+        dtype = dtype or default_dtype(self.device)
+        self.ar, self.mc_num, self.method, self.batch_size, self.seed = ar, mc_num, method, batch_size, seed
+        self.sampler, self.diffusion_steps, self.block_length = sampler, diffusion_steps, block_length
+        self.temperature, self.logits_temp, self.topp_temp = temperature, logits_temp, topp_temp
+        if ar:
+            from transformers import AutoConfig, AutoModelForCausalLM
+            if adapter_path:
+                raise EvalError("--adapter_path belongs to the diffusion model; --ar scores its AR parent without it")
+            self.model_name = ar_parent(model_name, base_model_name)
+            path = resolve_model_path(self.model_name)
+            if getattr(AutoConfig.from_pretrained(path), "is_causal", True) is False:
+                raise EvalError(f"--ar: {self.model_name} is a diffusion checkpoint that names no AR parent "
+                                f"(no adapted_from in its config): give the AR model as --model_name")
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], attn_implementation=resolve_attn_implementation(attn_implementation, self.device))
+            self.tokenizer = load_tokenizer(path)
+        else:
+            self.model_name = model_name
+            self.model = DiscreteDiffusionModel.from_pretrained(
+                model_name, mask_token_id=mask_token_id, base_model_name=base_model_name, adapter_path=adapter_path,
+                dtype=dtype, attn_implementation=attn_implementation, device=self.device)
+            self.tokenizer = self.model.tokenizer
+        if self.tokenizer is None:
+            raise EvalError(f"--model_name {model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
+        self.model.to(self.device).eval()
+        self.max_len = max_positions(self.model.config)
+        self.start, self.pad = start_token_id(self.tokenizer), pad_token_id(self.tokenizer)
+
+    # -- tokens ----------------------------------------------------------------------------------------
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_pair(self, context, continuation):
+        """[start] + context ids, continuation ids: split where the whole text's tokens leave the context's,
+        trailing spaces of the context moved to the continuation (lm-eval's rule)."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctx = self.encode(context) if context else []
+        whole = self.encode(context + continuation)
+        cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else self.encode(continuation)
+        return [self.start] + ctx, cont
+
+    def check_length(self, n, what):
+        if self.max_len is not None and n > self.max_len:
+            raise EvalError(f"{what}: {n} tokens, more than the model's maximum of {self.max_len} positions")
+
+    def generator(self, ids, n_target):
+        crc = zlib.crc32(torch.tensor(list(ids) + [n_target], dtype=torch.int64).numpy().tobytes())
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + crc) % (2 ** 63))
+
+    def _pad(self, seqs):
+        L = max(map(len, seqs))
+        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for b, s in enumerate(seqs):
+            ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
+            att[b, L - len(s):] = 1
+        return ids.to(self.device), att.to(self.device)
+
+    # -- likelihood ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def loglik(self, pairs, greedy=False, progress=None):
+        """log p(continuation | context) for each (context_ids, continuation_ids): exact for AR, the ELBO
+        estimate for diffusion. With greedy=True also whether greedy decoding gives the continuation.
+        Returns a list of (loglik, is_greedy or None)."""
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        out = [None] * len(pairs)
+        rows = self.batch_size if self.ar else max(1, self.batch_size * 4 // self.mc_num)
+        for s in range(0, len(order), rows):
+            idx = order[s:s + rows]
+            seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+            for i, q in zip(idx, seqs):
+                self.check_length(len(q), f"example {i}")
+            ids, att = self._pad(seqs)
+            L = ids.shape[1]
+            tm = torch.zeros_like(ids, dtype=torch.bool)
+            for b, i in enumerate(idx):
+                tm[b, L - len(pairs[i][1]):] = True
+            if self.ar:
+                pos = (att.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=ids, attention_mask=att, position_ids=pos).logits.float()
+                logp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                hit = logits[:, :-1].argmax(-1) == ids[:, 1:]
+                ll = (logp * tm[:, 1:]).sum(1).double().tolist()
+                gr = [bool(h[t].all()) for h, t in zip(hit, tm[:, 1:])]
+            else:
+                gens = [self.generator(q, len(pairs[i][1])) for q, i in zip(seqs, idx)]
+                ll = elbo_loglik(self.model, ids, tm, att, self.mc_num, gens, self.method, self.batch_size).tolist()
+                gr = [None] * len(idx)
+                if greedy:
+                    pred = self.fill(ids, tm, att)
+                    gr = [bool((p[t] == x[t]).all()) for p, x, t in zip(pred, ids, tm)]
+            for b, i in enumerate(idx):
+                out[i] = (ll[b], gr[b])
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+    # -- generation ------------------------------------------------------------------------------------
+    def fill(self, ids, gen_mask, att):
+        """Diffusion: fill the positions of gen_mask with the sampler (greedy low_confidence, one token per
+        step, unless set otherwise). Returns the filled ids."""
+        batch = {"input_ids": ids.masked_fill(gen_mask, self.model.mask_token_id), "src_mask": ~gen_mask & att.bool(),
+                 "attention_mask": att}
+        n = int(gen_mask.sum(1).max())
+        steps = self.diffusion_steps or n
+        g = torch.Generator(device=self.device).manual_seed(self.seed)
+        return sample(self.model, batch, self.sampler, steps, self.logits_temp, self.topp_temp,
+                      self.block_length or n, self.temperature, generator=g)
+
+    @torch.no_grad()
+    def generate(self, rows, stop_at_eos=False, progress=None):
+        """Generate a span for each row (prefix_ids, n_new, suffix_ids): the diffusion sampler fills the
+        n_new [MASK] between prefix and suffix; the AR model decodes n_new tokens greedily after the
+        prefix (it cannot see a suffix). Returns lists of ids (cut after EOS when stop_at_eos)."""
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][1], len(rows[i][0]) + len(rows[i][2])))
+        out = [None] * len(rows)   # rows of one span length together: no step is spent on finished rows
+        for s in range(0, len(rows), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            chunk = [rows[i] for i in idx]
+            for p, n, x in chunk:
+                self.check_length(len(p) + n + (0 if self.ar else len(x)), "prompt + generated span")
+            if self.ar:
+                ids, att = self._pad([p for p, _, _ in chunk])
+                n = max(r[1] for r in chunk)
+                new = self.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, do_sample=False,
+                                          pad_token_id=self.pad, eos_token_id=self.tokenizer.eos_token_id,
+                                          temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
+                gen = [new[b, :r[1]].tolist() for b, r in enumerate(chunk)]
+            else:
+                batch = layout_rows(chunk, self.model.mask_token_id, self.pad)
+                ids, att = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+                gen_mask = ~batch["src_mask"].to(self.device) & att.bool()
+                filled = self.fill(ids, gen_mask, att)
+                gen = [f[m].tolist() for f, m in zip(filled, gen_mask)]
+            eos = self.tokenizer.eos_token_id
+            if stop_at_eos and eos is not None:
+                gen = [g[:g.index(eos)] if eos in g else g for g in gen]
+            for i, g in zip(idx, gen):
+                out[i] = g
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+
+# -----------------------------------------------------------------------------
+# running a task
+
+def run_task(scorer, task, examples, gen_len=None, progress=True):
+    """Score a task's examples. Returns (metrics {name: (value, stderr)}, per-example records)."""
+    tok = scorer.tokenizer
+    records = []
+    if task in ("hellaswag", "piqa", "siqa", "winogrande"):
+        pairs, first = [], []
+        for ex in examples:
+            first.append(len(pairs))
+            pairs += [scorer.encode_pair(ctx, cont) for ctx, cont in ex["pairs"]]
+        bar = tqdm(total=len(pairs), desc=f"{task} (choices)", disable=not progress, leave=False)
+        scores = scorer.loglik(pairs, progress=bar)
+        acc, acc_norm = [], []
+        for i, ex in enumerate(examples):
+            ll = [s for s, _ in scores[first[i]:first[i] + len(ex["pairs"])]]
+            norm = [v / len(cont.encode("utf-8")) for v, (_, cont) in zip(ll, ex["pairs"])]
+            pred, pred_norm = max(range(len(ll)), key=ll.__getitem__), max(range(len(ll)), key=norm.__getitem__)
+            acc.append(float(pred == ex["gold"]))
+            acc_norm.append(float(pred_norm == ex["gold"]))
+            records.append({"choices": [c for _, c in ex["pairs"]], "contexts": sorted({c for c, _ in ex["pairs"]}),
+                            "gold": ex["gold"], "loglik": ll, "pred": pred, "pred_norm": pred_norm,
+                            "correct": bool(acc[-1])})
+        metrics = {"acc": mean_stderr(acc)}
+        if task != "winogrande":  # its choices share one continuation: length normalisation changes nothing
+            metrics["acc_norm"] = mean_stderr(acc_norm)
+    else:
+        bar = tqdm(total=len(examples), desc=task, disable=not progress, leave=False)
+        rows, targets = [], []
+        for ex in examples:
+            if task == "rocstories":
+                pre, tgt = scorer.encode_pair(ex["prefix"], ex["target"])
+                suf = scorer.encode(ex["suffix"]) if ex["suffix"] else []
+                rows.append((pre, gen_len or len(tgt), suf))
+            elif task == "triviaqa":
+                pre = scorer.encode_pair(ex["context"], "")[0]
+                longest = max(len(scorer.encode(" " + a)) for a in ex["answers"])
+                rows.append((pre, gen_len or longest, []))
+            else:  # lambada, gsm8k
+                pre, tgt = scorer.encode_pair(ex["context"], ex["target"])
+                rows.append((pre, len(tgt) if task == "lambada" else (gen_len or len(tgt)), []))
+            targets.append(ex)
+        gens = scorer.generate(rows, stop_at_eos=task != "lambada", progress=bar)
+        values = {}
+        for ex, g in zip(targets, gens):
+            pred = tok.decode(g, skip_special_tokens=True)
+            rec = {"input": ex.get("context", ex.get("prefix")), "prediction": pred}
+            if task == "lambada":
+                ok = pred.strip() == ex["word"]
+                values.setdefault("acc", []).append(float(ok))
+                rec.update(target=ex["word"], correct=ok)
+            elif task == "rocstories":
+                for name, v in (("rouge1", rouge_n(pred, ex["target"], 1)), ("rouge2", rouge_n(pred, ex["target"], 2)),
+                                ("rougeL", rouge_l(pred, ex["target"]))):
+                    values.setdefault(name, []).append(100 * v)
+                    rec[name] = 100 * v
+                rec.update(suffix=ex["suffix"], target=ex["target"].strip())
+            elif task == "triviaqa":
+                answer = pred.split("\n")[0]
+                ok = normalize_answer(answer) in {normalize_answer(a) for a in ex["answers"]}
+                values.setdefault("exact_match", []).append(float(ok))
+                rec.update(target=ex["answers"], correct=ok)
+            else:  # gsm8k
+                got = gsm8k_number(pred)
+                ok = got is not None and got == ex["answer"]
+                values.setdefault("exact_match", []).append(float(ok))
+                rec.update(target=ex["answer"], extracted=got, correct=ok)
+            records.append(rec)
+        metrics = {k: mean_stderr(v) for k, v in values.items()}
+    bar.close()
+    return metrics, records
+
+
+def read_task(task, args):
+    """The task's examples from --data_path / --data_dir (or --download), cut to --limit."""
+    records, source = load_task_records(task, args.data_path, args.data_dir, args.download)
+    records = records[:args.limit] if args.limit else records
+    return [make_example(task, r, source, i, args.infill_sentence) for i, r in enumerate(records, 1)], source
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness adapter: `import eval_zeroshot` registers the model "dlm"
+
+def _register_lm_eval():
+    try:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError:
+        return None
+
+    @register_model("dlm")
+    class DiffusionLM(LM):
+        """lm-eval model for our diffusion LMs (and, with ar=True, the same scoring by a causal LM):
+        loglikelihood = the ELBO estimate (is_greedy from the greedy sampler), loglikelihood_rolling = the
+        ELBO of the whole text, generate_until = the sampler, cut at the first stop string.
+        model_args: every Scorer keyword (model_name, ar, mc_num, method, seed, sampler, ...), plus
+        max_gen_toks (default 256) and check_greedy (default True)."""
+
+        def __init__(self, model_name="smollm2-135m", max_gen_toks=256, check_greedy=True, batch_size=32, **kw):
+            super().__init__()
+            ints, floats = ("mc_num", "seed", "diffusion_steps", "block_length", "mask_token_id"), ("temperature", "logits_temp", "topp_temp")
+            kw = {k: int(v) if k in ints else float(v) if k in floats else v for k, v in kw.items()}
+            if isinstance(kw.get("ar"), str):
+                kw["ar"] = kw["ar"].lower() in ("1", "true", "yes")
+            kw = {k: v for k, v in kw.items() if k not in ("max_batch_size",)}
+            batch_size = int(batch_size) if str(batch_size).isdigit() else 32     # lm-eval may pass "auto"
+            if str(kw.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+                print(f"dlm: --device {kw['device']} but no CUDA here: running on cpu", file=sys.stderr)
+                kw["device"] = "cpu"
+            self.scorer = kw.pop("scorer", None) or Scorer(model_name, batch_size=batch_size, **kw)
+            self.max_gen_toks = int(max_gen_toks)
+            self.check_greedy = str(check_greedy).lower() not in ("0", "false", "no")
+
+        @property
+        def tokenizer_name(self):
+            return self.scorer.tokenizer.name_or_path
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            pairs = [self.scorer.encode_pair(*req.args) for req in requests]
+            bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm)
+            out = self.scorer.loglik(pairs, greedy=self.check_greedy, progress=bar)
+            bar.close()
+            return [(ll, bool(g)) for ll, g in out]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            s = self.scorer
+            window = (s.max_len or 2048) - 1
+            pairs, owner = [], []
+            for i, req in enumerate(requests):
+                ids = s.encode(req.args[0])
+                for w in range(0, len(ids), window):   # disjoint windows, each after a start token
+                    pairs.append(([s.start], ids[w:w + window]))
+                    owner.append(i)
+            out = s.loglik(pairs, progress=tqdm(total=len(pairs), desc="loglikelihood_rolling", disable=disable_tqdm))
+            totals = [0.0] * len(requests)
+            for (ll, _), i in zip(out, owner):
+                totals[i] += ll
+            return totals
+
+        def generate_until(self, requests, disable_tqdm=False):
+            s, out = self.scorer, []
+            for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+                context, kw = req.args
+                until = kw.get("until") or []
+                until = [until] if isinstance(until, str) else until
+                pre = s.encode_pair(context, "")[0]
+                g = s.generate([(pre, int(kw.get("max_gen_toks", self.max_gen_toks)), [])], stop_at_eos=True)[0]
+                text = s.tokenizer.decode(g, skip_special_tokens=True)
+                for stop in until:
+                    text = text.split(stop)[0] if stop else text
+                out.append(text)
+            return out
+
+    return DiffusionLM
+
+
+DiffusionLM = _register_lm_eval()
+
+
+def run_lm_eval(scorer, tasks, include=None, limit=None, max_gen_toks=256):
+    """Run lm-eval tasks (names, comma-separated) on the scorer; `include` is a folder of task YAMLs
+    (then lm-eval's own task list is not indexed). Returns lm-eval's results dict."""
+    if DiffusionLM is None:
+        raise EvalError("--lm_eval_tasks needs the lm-eval package: pip install lm-eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    if include and not os.path.isdir(include):
+        raise EvalError(f"--lm_eval_include {include}: no such folder")
+    tm = TaskManager(include_path=os.path.abspath(include), include_defaults=False) if include else TaskManager()
+    names = [t for t in tasks.split(",") if t]
+    unknown = [t for t in names if t not in tm.all_tasks]
+    if unknown:
+        raise EvalError(f"--lm_eval_tasks: unknown task(s) {', '.join(unknown)}" +
+                        (f" in --lm_eval_include {include}" if include else ""))
+    lm = DiffusionLM(scorer=scorer, max_gen_toks=max_gen_toks)
+    return simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, bootstrap_iters=0,
+                           random_seed=scorer.seed, log_samples=False)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model_name", default="smollm2-135m", help="model folder, hub id, or smollm2-135m")
+    a("--tasks", default=None, help=f"comma-separated, from: {', '.join(TASKS)}")
+    a("--ar", action="store_true", help="score with the AR parent (or --model_name itself if it is a causal LM)")
+    a("--data_path", default=None, help="the data file of the one task in --tasks")
+    a("--data_dir", default=None, help="folder with one file per task: <task>.jsonl/.json/.csv/.txt")
+    a("--download", action="store_true", help="without a local file, load the task's public copy (needs datasets + network)")
+    a("--limit", type=int, default=None, help="first N examples of each task")
+    a("--batch_size", type=int, default=32, help="sequences per forward")
+    a("--mc_num", type=int, default=64, help="ELBO draws per scored continuation")
+    a("--elbo_method", default="stratified", choices=ELBO_METHODS)
+    a("--seed", type=int, default=0)
+    a("--sampler", default="low_confidence", help=f"generative tasks: one of {', '.join(SAMPLERS)}")
+    a("--diffusion_steps", type=int, default=None, help="default: one token per step")
+    a("--block_length", type=int, default=None, help="low_confidence/random: semi-AR block length (default: the span)")
+    a("--temperature", type=float, default=0.0, help="low_confidence/random: Gumbel temperature (0 = greedy)")
+    a("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
+    a("--topp_temp", type=float, default=0.9, help="diffullama: top-p")
+    a("--gen_len", type=int, default=None, help="rocstories/triviaqa/gsm8k: tokens to generate (default: the reference's length)")
+    a("--infill_sentence", type=int, default=4, help="rocstories: which of the 5 sentences to infill (1-5)")
+    a("--lm_eval_tasks", default=None, help="run these lm-eval tasks through the harness instead")
+    a("--lm_eval_include", default=None, help="folder of lm-eval task YAMLs")
+    a("--mask_token_id", type=int, default=None)
+    a("--base_model_name", default=None, help="config source for a DiffuGPT checkpoint without config.json")
+    a("--adapter_path", default=None, help="PEFT LoRA adapter folder, merged into the model")
+    a("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
+    a("--device", default=None, help="default cuda if available, else cpu")
+    a("--attn_implementation", default="sdpa")
+    a("--output", default=None, help="write settings, metrics and per-example records to this JSON file")
+    a("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    if not args.tasks and not args.lm_eval_tasks:
+        p.error("give --tasks (and data files) or --lm_eval_tasks")
+    args.task_list = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    for t in args.task_list:
+        if t not in TASKS:
+            p.error(f"--tasks: unknown task {t!r} (known: {', '.join(TASKS)})")
+    if args.data_path and len(args.task_list) != 1:
+        p.error("--data_path is for one task: give --data_dir for several")
+    if args.data_path and not os.path.isfile(args.data_path):
+        p.error(f"--data_path {args.data_path}: no such file")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error(f"--data_dir {args.data_dir}: no such folder")
+    for flag in ("limit", "batch_size", "mc_num", "diffusion_steps", "block_length", "gen_len"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag} must be >= 1, got {v}")
+    if not 1 <= args.infill_sentence <= 5:
+        p.error(f"--infill_sentence must be in 1..5, got {args.infill_sentence}")
+    if args.sampler not in SAMPLERS:
+        p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if args.temperature < 0 or args.logits_temp <= 0 or not 0 < args.topp_temp <= 1:
+        p.error("--temperature must be >= 0, --logits_temp > 0 and --topp_temp in (0, 1]")
+    if args.output and os.path.isdir(args.output):
+        p.error(f"--output {args.output} is a folder, not a file")
+    if args.output and os.path.exists(args.output) and not is_results_file(args.output):
+        p.error(f"--output {args.output} exists and is not a results file of this script: not overwriting it")
+    args.error = p.error
+    return args
+
+
+def is_results_file(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return isinstance(data, dict) and {"settings", "metrics"} <= set(data)
+    except (OSError, ValueError):
+        return False
+
+
+def print_table(rows):
+    print(f"| {'task':<11} | {'metric':<11} | {'value':>8} | {'stderr':>8} | {'n':>6} |")
+    print(f"|{'-' * 13}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+    for task, metric, value, se, n in rows:
+        se = "-" if se is None else f"{se:.4f}"
+        print(f"| {task:<11} | {metric:<11} | {value:8.4f} | {se:>8} | {n:>6} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        examples = {t: read_task(t, args) for t in args.task_list}    # every data file checked before the model loads
+        scorer = Scorer(args.model_name, ar=args.ar, mc_num=args.mc_num, method=args.elbo_method, batch_size=args.batch_size,
+                        seed=args.seed, dtype=args.dtype, device=args.device, sampler=args.sampler,
+                        diffusion_steps=args.diffusion_steps, block_length=args.block_length, temperature=args.temperature,
+                        logits_temp=args.logits_temp, topp_temp=args.topp_temp, mask_token_id=args.mask_token_id,
+                        base_model_name=args.base_model_name, adapter_path=args.adapter_path,
+                        attn_implementation=args.attn_implementation)
+        settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list")}
+        settings.update(scored_model=scorer.model_name, mode="ar" if args.ar else "diffusion")
+        results = {"settings": settings, "metrics": {}, "examples": {}}
+        table = []
+        for task, (exs, source) in examples.items():
+            t0 = time.time()
+            metrics, records = run_task(scorer, task, exs, args.gen_len, progress=not args.no_progress)
+            secs = time.time() - t0
+            results["metrics"][task] = {m: {"value": v, "stderr": se} for m, (v, se) in metrics.items()}
+            results["metrics"][task].update(n=len(exs), seconds=round(secs, 2), examples_per_s=round(len(exs) / secs, 3),
+                                            data=source)
+            results["examples"][task] = records
+            table += [(task, m, v, se, len(exs)) for m, (v, se) in metrics.items()]
+        if args.lm_eval_tasks:
+            res = run_lm_eval(scorer, args.lm_eval_tasks, args.lm_eval_include, args.limit)
+            results["lm_eval"] = res["results"]
+            for task, ms in res["results"].items():
+                for key, v in ms.items():
+                    if "," in key and not key.startswith(("alias", "sample_len")) and "_stderr" not in key \
+                            and isinstance(v, (int, float)):
+                        name, filt = key.split(",", 1)
+                        se = ms.get(f"{name}_stderr,{filt}")
+                        table.append((task, name, v, se if isinstance(se, (int, float)) else None,
+                                      res.get("n-samples", {}).get(task, {}).get("effective", 0)))
+    except (EvalError, OSError, ValueError) as e:
+        args.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(f"{'AR' if args.ar else 'diffusion'}: {scorer.model_name}")
+    print_table(table)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

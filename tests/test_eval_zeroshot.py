@@ -1,0 +1,345 @@
+"""eval_zeroshot.py: readers and scorers on fixture files, --ar against a hand computation, padding,
+every task end to end, bad input, and the lm-eval adapter against the script's own numbers."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import save_tiny_ar
+from model import DiscreteDiffusionModel
+import eval_zeroshot as ez
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+LAMBADA = ["the king said to his queen", "my lord is good and you are not", "o sir come here with me now",
+           "the queen was in love with the night", "good day to you my lord"]
+RECORDS = {
+    "hellaswag": [{"activity_label": "the king", "ctx_a": "the queen said", "ctx_b": "to the king",
+                   "endings": ["my lord", "good night", "come here", "and so"], "label": "2"},
+                  {"activity_label": "love", "ctx_a": "the man", "ctx_b": "was good",
+                   "endings": ["with her", "and the day", "to me", "not"], "label": 0}],
+    "piqa": [{"goal": "how to say good night", "sol1": "say good night", "sol2": "say good day", "label": 0},
+             {"goal": "what is the king", "sol1": "a man", "sol2": "a night", "label": 1},
+             {"goal": "who is my lord", "sol1": "the king", "sol2": "the day", "label": 0}],
+    "siqa": [{"context": "the king said good night", "question": "what will the queen do",
+              "answerA": "say good night", "answerB": "come here", "answerC": "love the day", "label": "1"}],
+    "winogrande": [{"sentence": "the king said to the queen that _ was good", "option1": "he", "option2": "she",
+                    "answer": "2"}],
+    "rocstories": [{"storyid": "a", "sentence1": "the king was good", "sentence2": "the queen was good",
+                    "sentence3": "the man said good day", "sentence4": "the king said good night",
+                    "sentence5": "and so the day was good"}],
+    "triviaqa": [{"question": "who is the king", "answer": {"value": "my lord", "aliases": ["the lord", "lord"]}},
+                 {"question": "what is good", "answer": ["love"]}],
+    "gsm8k": [{"instruction": "what is the day", "output": "<<1+1=2>> #### 2"},
+              {"instruction": "how is the king", "output": "#### 1,000"}],
+}
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    ar = save_tiny_ar(d / "ar", "llama", max_pos=64)
+    m = DiscreteDiffusionModel.from_pretrained(ar)
+    m.save_pretrained(d / "dlm")
+    return {"ar": ar, "dlm": str(d / "dlm")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "lambada_test.txt").write_text("\n".join(LAMBADA) + "\n")
+    for task, recs in RECORDS.items():
+        write_jsonl(d / f"{task}.jsonl", recs)
+    return str(d)
+
+
+def scorer(path, **kw):
+    kw.setdefault("mc_num", 8)
+    return ez.Scorer(path, device="cpu", dtype="float32", **kw)
+
+
+# -- readers and scorers -------------------------------------------------------------------------------
+
+def test_read_every_format(tmp_path):
+    recs = [{"goal": "a", "sol1": "b", "sol2": "c", "label": "1"}, {"goal": "d", "sol1": "e", "sol2": "f", "label": "0"}]
+    write_jsonl(tmp_path / "x.jsonl", recs)
+    (tmp_path / "x.json").write_text(json.dumps(recs))
+    (tmp_path / "y.json").write_text(json.dumps({"data": recs}))
+    with open(tmp_path / "x.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(recs[0]))
+        w.writeheader()
+        w.writerows(recs)
+    for name in ("x.jsonl", "x.json", "y.json", "x.csv"):
+        got = ez.read_records(str(tmp_path / name))
+        assert [ez.make_example("piqa", r, name, i)["gold"] for i, r in enumerate(got, 1)] == [1, 0]
+    (tmp_path / "l.txt").write_text("one two three\n\nfour five\n")
+    assert ez.read_records(str(tmp_path / "l.txt")) == [{"text": "one two three"}, {"text": "four five"}]
+
+
+def test_reader_errors_name_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ez.EvalError, match=r"bad.jsonl line 2: not valid JSON"):
+        ez.read_records(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.json").write_text('[{"a": 1},\n {"a": }]')
+    with pytest.raises(ez.EvalError, match=r"bad.json line 2"):
+        ez.read_records(str(tmp_path / "bad.json"))
+    with pytest.raises(ez.EvalError, match=r"f.jsonl record 3: missing field 'sol2'"):
+        ez.make_example("piqa", {"goal": "a", "sol1": "b", "label": 0}, "f.jsonl", 3)
+    with pytest.raises(ez.EvalError, match=r"answer index 5 outside the 2 choices"):
+        ez.make_example("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": 5}, "f.jsonl", 1)
+    with pytest.raises(ez.EvalError, match=r"has no '#### <number>'"):
+        ez.make_example("gsm8k", {"instruction": "q", "output": "4"}, "g.json", 1)
+
+
+def test_task_examples():
+    ex = ez.make_example("lambada", {"text": "in the end he said goodbye "}, "f", 1)
+    assert (ex["context"], ex["target"], ex["word"]) == ("in the end he said", " goodbye", "goodbye")
+    ex = ez.make_example("hellaswag", RECORDS["hellaswag"][0], "f", 1)
+    assert ex["gold"] == 2 and ex["pairs"][0] == ("the king: the queen said To the king", " my lord")
+    ex = ez.make_example("winogrande", RECORDS["winogrande"][0], "f", 1)
+    assert ex["pairs"] == [("the king said to the queen that he", " was good"),
+                           ("the king said to the queen that she", " was good")] and ex["gold"] == 1
+    ex = ez.make_example("siqa", RECORDS["siqa"][0], "f", 1)
+    assert ex["gold"] == 0 and ex["pairs"][2][1] == " love the day"
+    ex = ez.make_example("rocstories", RECORDS["rocstories"][0], "f", 1)
+    assert ex["target"] == " the king said good night" and ex["suffix"] == " and so the day was good"
+    assert ex["prefix"] == "the king was good the queen was good the man said good day"
+    cloze = {"InputSentence1": "a", "InputSentence2": "b", "InputSentence3": "c", "InputSentence4": "d",
+             "RandomFifthSentenceQuiz1": "x", "RandomFifthSentenceQuiz2": "y", "AnswerRightEnding": "2"}
+    ex = ez.make_example("rocstories", cloze, "f", 1, infill_sentence=3)
+    assert (ex["prefix"], ex["target"], ex["suffix"]) == ("a b", " c", " d y")
+    ex = ez.make_example("triviaqa", RECORDS["triviaqa"][0], "f", 1)
+    assert ex["answers"] == ["my lord", "the lord", "lord"]
+    assert ez.make_example("gsm8k", RECORDS["gsm8k"][1], "f", 1)["answer"] == "1000"
+
+
+def test_metric_functions():
+    assert ez.gsm8k_number("so <<2*3=6>> #### 6") == "6"
+    assert ez.gsm8k_number("#### $1,234.0 dollars") == "1234"
+    assert ez.gsm8k_number("#### -3.5") == "-3.5"
+    assert ez.gsm8k_number("the answer is 6") is None
+    assert ez.normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert ez.normalize_answer("an Apple a day") == "apple day"
+    # ROUGE on known strings: 5 and 6 tokens, 4 unigrams and 1 bigram ("the cat") shared, LCS "the cat on mat" = 4
+    pred, ref = "the cat sat on mat", "The cat was on the mat"
+    assert ez.rouge_n(pred, ref, 1) == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))
+    assert ez.rouge_n(pred, ref, 2) == pytest.approx(2 * (1 / 4) * (1 / 5) / (1 / 4 + 1 / 5))
+    assert ez.rouge_l(pred, ref) == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))
+    assert ez.rouge_n("a b", "c d", 1) == 0.0 and ez.rouge_l("", "a") == 0.0
+    assert ez.mean_stderr([1.0, 0.0, 1.0, 0.0]) == (0.5, pytest.approx((1 / 3) ** 0.5 / 2))
+
+
+# -- AR against a hand computation, padding ----------------------------------------------------------------
+
+def test_ar_matches_hand_computation(models):
+    s = scorer(models["ar"], ar=True)
+    ref = AutoModelForCausalLM.from_pretrained(models["ar"]).eval()
+    cases = [("the king said to", " his queen"), ("o my lord", " good night to you"), ("a", " man")]
+    pairs = [s.encode_pair(c, t) for c, t in cases]
+    got = s.loglik(pairs)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        ids = ctx + cont
+        hand, hand_greedy = 0.0, True
+        with torch.no_grad():
+            for j in range(len(ctx), len(ids)):
+                logits = ref(torch.tensor([ids[:j]])).logits[0, -1]
+                hand += float(F.log_softmax(logits.double(), -1)[ids[j]])
+                hand_greedy &= int(logits.argmax()) == ids[j]
+        assert ll == pytest.approx(hand, abs=1e-4) and greedy == hand_greedy
+    # greedy last word of a LAMBADA line, by hand
+    ctx, tgt = s.encode_pair("the king said to his", " queen good")
+    ids = list(ctx)
+    with torch.no_grad():
+        for _ in tgt:
+            ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+    rows = [(ctx, len(tgt), []), (s.encode_pair("o", "")[0], 1, [])]
+    assert s.generate(rows)[0] == ids[len(ctx):]
+
+
+def test_ar_flag_scores_the_parent(models):
+    assert ez.ar_parent(models["dlm"]) == os.path.abspath(models["ar"])
+    assert ez.ar_parent(models["ar"]) == models["ar"]
+    assert scorer(models["dlm"], ar=True).model_name == os.path.abspath(models["ar"])
+
+
+@pytest.mark.parametrize("ar", [False, True])
+def test_padded_batch_gives_the_same_scores(models, ar):
+    pairs_txt = [("the king said to", " his queen"), ("o", " my lord is good"), ("a man", " and")]
+    wide, narrow = scorer(models["dlm"], ar=ar, batch_size=64), scorer(models["dlm"], ar=ar, batch_size=1)
+    pairs = [wide.encode_pair(c, t) for c, t in pairs_txt]
+    for (a, _), (b, _) in zip(wide.loglik(pairs), narrow.loglik(pairs)):
+        assert a == pytest.approx(b, abs=1e-4)
+    rows = [(p[0], 3, []) for p in pairs] + [(pairs[0][0], 2, wide.encode(" good night"))]
+    assert wide.generate(rows) == narrow.generate(rows)
+
+
+def test_diffusion_greedy_flag_is_the_greedy_sampler(models):
+    s = scorer(models["dlm"])
+    ctx = s.encode_pair("the king said", "")[0]
+    filled = s.generate([(ctx, 2, [])])[0]
+    assert s.loglik([(ctx, filled)], greedy=True)[0][1] is True
+    other = [w for w in s.encode(" good night") if w not in filled][:2]
+    assert s.loglik([(ctx, other + filled[len(other):])], greedy=True)[0][1] is False
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ar", [False, True])
+def test_every_task_end_to_end(models, data_dir, tmp_path, ar):
+    out = tmp_path / "results.json"
+    argv = ["--model_name", models["dlm"], "--tasks", ",".join(ez.TASKS), "--data_dir", data_dir, "--mc_num", "4",
+            "--output", str(out), "--no_progress"] + (["--ar"] if ar else [])
+    res = ez.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == json.loads(json.dumps(res["metrics"]))
+    assert saved["settings"]["mode"] == ("ar" if ar else "diffusion")
+    m, ex = saved["metrics"], saved["examples"]
+    assert m["lambada"]["n"] == 5 and m["lambada"]["acc"]["value"] == sum(r["correct"] for r in ex["lambada"]) / 5
+    for task in ("hellaswag", "piqa", "siqa", "winogrande"):
+        recs = ex[task]
+        assert len(recs) == len(RECORDS[task])
+        assert m[task]["acc"]["value"] == pytest.approx(sum(r["pred"] == r["gold"] for r in recs) / len(recs))
+        assert all(r["pred"] == max(range(len(r["loglik"])), key=r["loglik"].__getitem__) for r in recs)
+    assert "acc_norm" in m["piqa"] and "acc_norm" not in m["winogrande"]
+    assert set(m["rocstories"]) >= {"rouge1", "rouge2", "rougeL"}
+    for r in ex["rocstories"]:
+        assert r["rouge1"] == pytest.approx(100 * ez.rouge_n(r["prediction"], r["target"], 1))
+    assert ex["gsm8k"][1]["target"] == "1000"
+    assert all(r["correct"] == (r["extracted"] == r["target"]) for r in ex["gsm8k"])
+    # running again may replace the script's own results file
+    ez.main(argv[:4] + ["--tasks", "lambada", "--data_path", os.path.join(data_dir, "lambada_test.txt"),
+                        "--output", str(out), "--no_progress"])
+
+
+def test_lambada_prediction_is_the_span_length(models, data_dir):
+    s = scorer(models["dlm"])
+    exs = [ez.make_example("lambada", {"text": t}, "f", 1) for t in LAMBADA]
+    metrics, recs = ez.run_task(s, "lambada", exs, progress=False)
+    for r, ex in zip(recs, exs):
+        assert len(s.encode(r["prediction"])) == len(s.encode(ex["target"]))
+        assert r["correct"] == (r["prediction"].strip() == ex["word"])
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+
+def test_bad_input_is_one_line(models, data_dir, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\nnot json\n')
+    (tmp_path / "mine.json").write_text("my notes")
+    no_tok = tmp_path / "no_tok"
+    AutoModelForCausalLM.from_pretrained(models["ar"]).save_pretrained(no_tok)
+    orphan = tmp_path / "orphan"           # a diffusion checkpoint that names no AR parent
+    DiscreteDiffusionModel.from_pretrained(models["dlm"]).save_pretrained(orphan)
+    cfg = json.loads((orphan / "config.json").read_text())
+    del cfg["adapted_from"]
+    (orphan / "config.json").write_text(json.dumps(cfg))
+    lam = os.path.join(data_dir, "lambada_test.txt")
+    cases = [
+        (["--tasks", "lambada", "--data_path", lam, "--ar", "--model_name", str(orphan)], "names no AR parent"),
+        (["--tasks", "lambada", "--data_path", lam, "--ar", "--adapter_path", str(tmp_path)], "--adapter_path belongs"),
+        (["--tasks", "nope", "--data_dir", data_dir], "unknown task 'nope'"),
+        (["--tasks", "piqa", "--data_path", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--tasks", "piqa", "--data_path", str(tmp_path / "bad.jsonl")], "bad.jsonl line 2: not valid JSON"),
+        (["--tasks", "lambada", "--data_path", lam, "--limit", "0"], "--limit must be >= 1"),
+        (["--tasks", "hellaswag", "--data_dir", str(tmp_path)], "pass --data_path FILE"),
+        (["--tasks", "lambada,piqa", "--data_path", lam], "--data_path is for one task"),
+        (["--tasks", "lambada", "--data_path", lam, "--output", str(tmp_path / "mine.json")], "not overwriting"),
+        (["--tasks", "lambada", "--data_path", lam, "--model_name", str(no_tok)], "--mask_token_id"),
+        (["--tasks", "lambada", "--data_path", lam, "--model_name", str(tmp_path / "nomodel")], "no such model folder"),
+        (["--lm_eval_tasks", "nope", "--lm_eval_include", str(tmp_path)], "unknown task(s) nope"),
+    ]
+    for argv, msg in cases:
+        if "--model_name" not in argv:
+            argv = argv + ["--model_name", models["dlm"]]
+        with pytest.raises(SystemExit) as e:
+            ez.main(argv + ["--no_progress"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert msg in err[-1] and "Traceback" not in "\n".join(err), (argv, err)
+    assert (tmp_path / "mine.json").read_text() == "my notes"
+
+
+def test_download_fallback_uses_datasets(monkeypatch):
+    import types
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: [{"goal": "a", "sol1": "b", "sol2": "c", "label": 1}])
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    recs, src = ez.load_task_records("piqa", download=True)
+    assert src == "hf:ybisk/piqa" and recs[0]["label"] == 1
+    with pytest.raises(ez.EvalError, match="--download"):
+        ez.load_task_records("piqa")
+
+
+# -- lm-eval ---------------------------------------------------------------------------------------------
+
+def lm_eval_tasks(tmp_path, data_dir):
+    """The shipped task YAMLs with their data files made absolute."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    write_jsonl(tmp_path / "lambada.jsonl", [{"text": t} for t in LAMBADA])
+    files = {"DATA_PIQA": os.path.join(data_dir, "piqa.jsonl"), "DATA_LAMBADA": str(tmp_path / "lambada.jsonl")}
+    for name in os.listdir(os.path.join(HERE, "lm_eval_tasks")):
+        text = open(os.path.join(HERE, "lm_eval_tasks", name)).read()
+        for k, v in files.items():
+            text = text.replace(k, v)
+        (d / name).write_text(text)
+    return str(d)
+
+
+def test_lm_eval_harness_matches_the_script(models, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = lm_eval_tasks(tmp_path, data_dir)
+    common = ["--model_name", models["dlm"], "--mc_num", "8", "--no_progress"]
+    ours = ez.main(common + ["--tasks", "piqa", "--data_path", os.path.join(data_dir, "piqa.jsonl")])
+    lam = ez.main(common + ["--tasks", "lambada", "--data_path", os.path.join(data_dir, "lambada_test.txt")])
+    harness = ez.main(common + ["--lm_eval_tasks", "tiny_piqa,tiny_lambada", "--lm_eval_include", tasks])["lm_eval"]
+    assert harness["tiny_piqa"]["acc,none"] == ours["metrics"]["piqa"]["acc"]["value"]
+    assert harness["tiny_piqa"]["acc_norm,none"] == ours["metrics"]["piqa"]["acc_norm"]["value"]
+    assert harness["tiny_lambada"]["acc,none"] == lam["metrics"]["lambada"]["acc"]["value"]
+    # per request: the harness's log-likelihoods are the script's, choice by choice
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    lm = ez.DiffusionLM(model_name=models["dlm"], mc_num="8", device="cpu", dtype="float32")
+    res = lm_eval.simple_evaluate(model=lm, tasks=["tiny_piqa"], log_samples=True, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=tasks, include_defaults=False))
+    by_goal = {s["doc"]["goal"]: [r[0] for r in s["filtered_resps"]] for s in res["samples"]["tiny_piqa"]}
+    for rec, raw in zip(ours["examples"]["piqa"], RECORDS["piqa"]):
+        assert by_goal[raw["goal"]] == pytest.approx(rec["loglik"], abs=1e-9)
+
+
+def test_lm_eval_rolling_and_generate_until(models):
+    from types import SimpleNamespace as Req
+    lm = ez.DiffusionLM(model_name=models["dlm"], mc_num="4", device="cpu", dtype="float32", max_gen_toks=6)
+    s = lm.scorer
+    short = "the king said good night to the queen"
+    long = " ".join(["the king said good night to the queen"] * 12)        # 96 words: two windows of 63
+    ids = s.encode(long)
+    assert len(ids) > s.max_len
+    got = lm.loglikelihood_rolling([Req(args=(short,)), Req(args=(long,))], disable_tqdm=True)
+    assert got[0] == pytest.approx(s.loglik([([s.start], s.encode(short))])[0][0], abs=1e-4)
+    parts = s.loglik([([s.start], ids[:63]), ([s.start], ids[63:])])
+    assert got[1] == pytest.approx(parts[0][0] + parts[1][0], abs=1e-4)
+    ctx = "the king said"
+    full = s.tokenizer.decode(s.generate([(s.encode_pair(ctx, "")[0], 6, [])], stop_at_eos=True)[0],
+                              skip_special_tokens=True)
+    stop = full.split()[2]
+    out = lm.generate_until([Req(args=(ctx, {"until": [stop], "max_gen_toks": 6})),
+                             Req(args=(ctx, {"until": []}))], disable_tqdm=True)
+    assert out == [full.split(stop)[0], full]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of lm-eval's default --device cuda")
+def test_lm_eval_cli_default_device_falls_back_to_cpu(models, capsys):
+    lm = ez.DiffusionLM.create_from_arg_string(f"model_name={models['dlm']},mc_num=4", {"device": "cuda", "batch_size": "auto"})
+    assert lm.scorer.device == "cpu" and lm.scorer.batch_size == 32
+    assert "no CUDA here" in capsys.readouterr().err
