@@ -297,13 +297,14 @@ class Scorer:
 
     def __init__(self, model_name, ar=False, mc_num=64, method="stratified", batch_size=32, seed=0, dtype=None,
                  device=None, sampler="low_confidence", diffusion_steps=None, block_length=None, temperature=0.0,
-                 logits_temp=0.95, topp_temp=0.9, mask_token_id=None, base_model_name=None, adapter_path=None,
+                 logits_temp=0.95, topp_temp=0.9, threshold=0.9, factor=None, mask_token_id=None, base_model_name=None, adapter_path=None,
                  attn_implementation="sdpa"):
         self.device = device or default_device()
         dtype = dtype or default_dtype(self.device)
         self.ar, self.mc_num, self.method, self.batch_size, self.seed = ar, mc_num, method, batch_size, seed
         self.sampler, self.diffusion_steps, self.block_length = sampler, diffusion_steps, block_length
         self.temperature, self.logits_temp, self.topp_temp = temperature, logits_temp, topp_temp
+        self.threshold, self.factor = threshold, factor
         if ar:
             from transformers import AutoConfig, AutoModelForCausalLM
             if adapter_path:
@@ -409,7 +410,7 @@ class Scorer:
         steps = self.diffusion_steps or n
         g = torch.Generator(device=self.device).manual_seed(self.seed)
         return sample(self.model, batch, self.sampler, steps, self.logits_temp, self.topp_temp,
-                      self.block_length or n, self.temperature, generator=g)
+                      self.block_length or n, self.temperature, self.threshold, self.factor, generator=g)
 
     @torch.no_grad()
     def generate(self, rows, stop_at_eos=False, progress=None):
@@ -547,7 +548,8 @@ def _register_lm_eval():
 
         def __init__(self, model_name="smollm2-135m", max_gen_toks=256, check_greedy=True, batch_size=32, **kw):
             super().__init__()
-            ints, floats = ("mc_num", "seed", "diffusion_steps", "block_length", "mask_token_id"), ("temperature", "logits_temp", "topp_temp")
+            ints = ("mc_num", "seed", "diffusion_steps", "block_length", "mask_token_id")
+            floats = ("temperature", "logits_temp", "topp_temp", "threshold", "factor")
             kw = {k: int(v) if k in ints else float(v) if k in floats else v for k, v in kw.items()}
             if isinstance(kw.get("ar"), str):
                 kw["ar"] = kw["ar"].lower() in ("1", "true", "yes")
@@ -649,6 +651,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.0, help="low_confidence/random: Gumbel temperature (0 = greedy)")
     a("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
     a("--topp_temp", type=float, default=0.9, help="diffullama: top-p")
+    a("--threshold", type=float, default=0.9, help="threshold: commit every position this confident")
+    a("--factor", type=float, default=None, help="threshold: the factor rule instead")
     a("--gen_len", type=int, default=None, help="rocstories/triviaqa/gsm8k: tokens to generate (default: the reference's length)")
     a("--infill_sentence", type=int, default=4, help="rocstories: which of the 5 sentences to infill (1-5)")
     a("--lm_eval_tasks", default=None, help="run these lm-eval tasks through the harness instead")
@@ -682,8 +686,10 @@ def parse_args(argv=None):
         p.error(f"--infill_sentence must be in 1..5, got {args.infill_sentence}")
     if args.sampler not in SAMPLERS:
         p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    if args.temperature < 0 or args.logits_temp <= 0 or not 0 < args.topp_temp <= 1:
-        p.error("--temperature must be >= 0, --logits_temp > 0 and --topp_temp in (0, 1]")
+    if args.temperature < 0 or args.logits_temp <= 0 or not 0 < args.topp_temp <= 1 or not 0 < args.threshold <= 1:
+        p.error("--temperature must be >= 0, --logits_temp > 0, --topp_temp and --threshold in (0, 1]")
+    if args.factor is not None and args.factor <= 0:
+        p.error(f"--factor must be > 0, got {args.factor}")
     if args.output and os.path.isdir(args.output):
         p.error(f"--output {args.output} is a folder, not a file")
     if args.output and os.path.exists(args.output) and not is_results_file(args.output):
@@ -716,7 +722,8 @@ def main(argv=None):
         scorer = Scorer(args.model_name, ar=args.ar, mc_num=args.mc_num, method=args.elbo_method, batch_size=args.batch_size,
                         seed=args.seed, dtype=args.dtype, device=args.device, sampler=args.sampler,
                         diffusion_steps=args.diffusion_steps, block_length=args.block_length, temperature=args.temperature,
-                        logits_temp=args.logits_temp, topp_temp=args.topp_temp, mask_token_id=args.mask_token_id,
+                        logits_temp=args.logits_temp, topp_temp=args.topp_temp, threshold=args.threshold,
+                        factor=args.factor, mask_token_id=args.mask_token_id,
                         base_model_name=args.base_model_name, adapter_path=args.adapter_path,
                         attn_implementation=args.attn_implementation)
         settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list")}

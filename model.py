@@ -524,20 +524,20 @@ def _step_logits(model, x, att, positions):
 @torch.no_grad()
 def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
                      topp_temp=0.9, generator=None, callback=None):
-    """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 sample x0 for every
-    still-masked position from top-p filtered softmax(logits / logits_temp), and keep each sample with
-    probability 1/t (so everything is revealed at t = 1). callback(step, x) sees each state."""
+    """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 each still-masked
+    position is revealed with probability 1/t (so everything is revealed at t = 1), its token sampled
+    from top-p filtered softmax(logits / logits_temp). Which positions are revealed is drawn first, so
+    the head, top-p and sampling run on those positions only, and a step that reveals nothing runs no
+    forward (the state would not change): the same distribution as sampling every masked position and
+    keeping each sample with probability 1/t. callback(step, x) sees each state."""
     if diffusion_steps < 1:
         raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
     for t in range(diffusion_steps, 0, -1):
-        if still.any():
-            logits = top_p_filter(_step_logits(model, x, att, still) / max(logits_temp, 1e-6), topp_temp)
-            x0 = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-            keep = torch.rand(x0.shape, device=x.device, generator=generator) < 1.0 / t
-            reveal = torch.zeros_like(still)
-            reveal[still] = keep
-            x[reveal] = x0[keep]
+        reveal = still & (torch.rand(x.shape, device=x.device, generator=generator) < 1.0 / t)
+        if reveal.any():
+            logits = top_p_filter(_step_logits(model, x, att, reveal) / max(logits_temp, 1e-6), topp_temp)
+            x[reveal] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
             still &= ~reveal
         if callback is not None:
             callback(diffusion_steps - t + 1, x)
@@ -551,15 +551,33 @@ def transfer_schedule(n_masked, steps):
     return base + extra.long()
 
 
+def commit_counts(conf, still, threshold=None, factor=None):
+    """How many tokens each row commits in a parallel-decoding step ([B]), from the confidences of its
+    still-masked positions (conf [B, L], -inf elsewhere): every one at or above `threshold`, or with
+    `factor` f the largest n whose n-th highest confidence c_n has (n + 1) * (1 - c_n) < f; at least one
+    per row that has any left."""
+    if factor is not None:
+        c = conf.sort(dim=1, descending=True).values
+        n = torch.arange(1, conf.shape[1] + 1, device=conf.device)
+        k = (((n + 1) * (1 - c) < factor) & (c > float("-inf"))).sum(1)
+    else:
+        k = (conf >= threshold).sum(1)
+    return torch.minimum(k.clamp(min=1), still.sum(1))
+
+
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
-                   remasking="low_confidence", generator=None, callback=None):
+                   remasking="low_confidence", threshold=0.9, factor=None, generator=None, callback=None):
     """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
     into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
     Each step predicts x0 for the block's masked positions (Gumbel-max in float64 at `temperature`, greedy
-    at 0) and commits the most confident predictions (`low_confidence` remasking) or random ones (`random`)."""
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    at 0) and commits the most confident predictions (`low_confidence` remasking) or random ones (`random`).
+    `threshold` (parallel decoding, Fast-dLLM): each step commits every masked position of the block
+    whose confidence is at least `threshold` (or, with `factor`, by the factor rule; see commit_counts),
+    at least one, and the block ends when it is full: its share of the steps is only an upper bound
+    (its last allowed step commits whatever is left)."""
+    if remasking not in ("low_confidence", "random", "threshold"):
+        raise ValueError(f"remasking must be 'low_confidence', 'random' or 'threshold', got {remasking!r}")
     if block_length < 1 or steps < 1:
         raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
@@ -574,6 +592,8 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
         still = block_of == blk                            # masked positions of the current block
         schedule = transfer_schedule(still.sum(1), block_steps[blk])
         for i in range(block_steps[blk]):
+            if remasking == "threshold" and not still.any():
+                break                                      # the block is full: its remaining steps are not needed
             if still.any():
                 logits = _step_logits(model, x, att, still)
                 if temperature > 0:
@@ -581,17 +601,21 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                     x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
                 else:
                     x0 = logits.argmax(-1)
-                if remasking == "low_confidence":
-                    conf_sel = torch.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
-                else:
+                if remasking == "random":
                     conf_sel = torch.rand(x0.shape, device=x.device, generator=generator)
+                else:
+                    conf_sel = torch.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
                 conf = torch.full(x.shape, float("-inf"), device=x.device)
                 conf[still] = conf_sel
                 proposal = x.clone()
                 proposal[still] = x0
+                if remasking == "threshold":
+                    counts = still.sum(1) if i == block_steps[blk] - 1 else commit_counts(conf, still, threshold, factor)
+                else:
+                    counts = schedule[:, i]
                 commit = torch.zeros_like(still)
                 for b in range(x.shape[0]):
-                    k = int(schedule[b, i])
+                    k = int(counts[b])
                     if k > 0:
                         commit[b, conf[b].topk(k).indices] = True
                 x = torch.where(commit, proposal, x)
@@ -602,17 +626,18 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     return x
 
 
-SAMPLERS = ("diffullama", "low_confidence", "random")
+SAMPLERS = ("diffullama", "low_confidence", "random", "threshold")
 
 
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
-           temperature=0.0, generator=None, callback=None):
+           temperature=0.0, threshold=0.9, factor=None, generator=None, callback=None):
     """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
     if sampler == "diffullama":
         return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
                                 topp_temp=topp_temp, generator=generator, callback=callback)
-    if sampler in ("low_confidence", "random"):
+    if sampler in ("low_confidence", "random", "threshold"):
         block_length = block_length or batch["input_ids"].shape[1]
         return generate_llada(model, **batch, steps=diffusion_steps, block_length=block_length,
-                              temperature=temperature, remasking=sampler, generator=generator, callback=callback)
+                              temperature=temperature, remasking=sampler, threshold=threshold, factor=factor,
+                              generator=generator, callback=callback)
     raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")

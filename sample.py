@@ -5,6 +5,7 @@ Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
     python sample.py --model_name out/adapt --prompt "To be" --suffix "the question." --gen_len 16
     python sample.py --model_name out/adapt --num_samples 4              # unconditional
     python sample.py --model_name out/adapt --sampler low_confidence --block_length 32 --diffusion_steps 64
+    python sample.py --model_name out/adapt --sampler threshold --threshold 0.9 --block_length 32   # parallel decoding
     python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
 
 --model_name takes a folder saved by train_adapt.py/train_sft.py, a released DiffuGPT or DiffuLLaMA
@@ -13,7 +14,6 @@ checkpoint (folder or hub id), or `smollm2-135m` (the embedded model: an AR mode
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
     p.add_argument("--topp_temp", type=float, default=0.9, help="diffullama: top-p (1.0 = off)")
     p.add_argument("--block_length", type=int, default=None, help="low_confidence/random: semi-AR block length (default gen_len)")
-    p.add_argument("--temperature", type=float, default=0.0, help="low_confidence/random: Gumbel temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="low_confidence/random/threshold: Gumbel temperature (0 = greedy)")
+    p.add_argument("--threshold", type=float, default=0.9, help="threshold: commit every position this confident (0-1]")
+    p.add_argument("--factor", type=float, default=None, help="threshold: the factor rule instead, (n + 1)(1 - c_n) < factor")
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -51,6 +53,10 @@ def parse_args(argv=None):
     for flag in ("gen_len", "diffusion_steps", "num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.threshold <= 1:
+        p.error(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.factor is not None and args.factor <= 0:
+        p.error(f"--factor must be > 0, got {args.factor}")
     if args.block_length is not None and args.block_length < 1:
         p.error(f"--block_length must be >= 1, got {args.block_length}")
     if args.output and os.path.isdir(args.output):
@@ -95,7 +101,8 @@ def main(argv=None):
             print(f"step {step:4d}: {text}", flush=True)
 
         out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
-                     args.block_length, args.temperature, generator=g, callback=show if args.verbose else None)
+                     args.block_length, args.temperature, args.threshold, args.factor, generator=g,
+                     callback=show if args.verbose else None)
         out = out.cpu()
         for b, prompt in enumerate(chunk):
             gen = ~batch["src_mask"][b] & att[b].bool()

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import save_tiny_ar, tiny_tokenizer
-from model import DiscreteDiffusionModel, build_inputs, generate_llada, generate_samples, sample, transfer_schedule
+from model import (DiscreteDiffusionModel, build_inputs, commit_counts, generate_llada, generate_samples, sample,
+                   transfer_schedule)
 import sample as sample_script
 
-SAMPLERS = ["diffullama", "low_confidence", "random"]
+SAMPLERS = ["diffullama", "low_confidence", "random", "threshold"]
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,78 @@ def test_top_p_filter_matches_full_sort(scale):
         got = top_p_filter(logits, p, candidates=64)
         assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[~torch.isinf(got)], want[~torch.isinf(want)])
     assert top_p_filter(logits, 1.0) is logits
+
+
+def reference_diffullama(model, x, still, att, steps, logits_temp, topp_temp, g):
+    """The DiffuLLaMA sampler as written in the paper's code: every step samples x0 for every still-masked
+    position (full head, top-p, sampling) and keeps each sample with probability 1/t."""
+    from model import _step_logits, top_p_filter
+    x, still = x.clone(), still.clone()
+    for t in range(steps, 0, -1):
+        if still.any():
+            logits = top_p_filter(_step_logits(model, x, att, still) / logits_temp, topp_temp)
+            x0 = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(-1)
+            keep = torch.rand(x0.shape, generator=g) < 1.0 / t
+            reveal = torch.zeros_like(still)
+            reveal[still] = keep
+            x[reveal] = x0[keep]
+            still &= ~reveal
+    return x
+
+
+def test_diffullama_sampler_keeps_the_reference_distribution(dlm):
+    """Revealing first and sampling only the revealed positions gives the reference's per-position marginals:
+    their distance is no larger than that between two runs of the reference itself."""
+    n, steps, temp, topp = 4000, 4, 1.0, 0.9
+    peaked = DiscreteDiffusionModel.from_pretrained(dlm.path).eval()
+    with torch.no_grad():                                # tied embeddings x 10: peaked, context-dependent logits
+        peaked.model.get_input_embeddings().weight.mul_(10)
+    dlm = peaked
+    batch = build_inputs(dlm.tokenizer, ["the king said"] * n, 3, mask_token_id=dlm.mask_token_id)
+    gen = ~batch["src_mask"] & batch["attention_mask"].bool()
+    x, att = batch["input_ids"].masked_fill(gen, dlm.mask_token_id), batch["attention_mask"]
+    ours = generate_samples(dlm, **batch, diffusion_steps=steps, logits_temp=temp, topp_temp=topp,
+                            generator=torch.Generator().manual_seed(0))
+    ref = [reference_diffullama(dlm, x, gen, att, steps, temp, topp, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    hot = reference_diffullama(dlm, x, gen, att, steps, 2.0, topp, torch.Generator().manual_seed(3))
+    tv = lambda a, b, pos: 0.5 * float((torch.bincount(a[:, pos], minlength=200) -
+                                        torch.bincount(b[:, pos], minlength=200)).abs().sum()) / n
+    for pos in range(gen.shape[1] - 3, gen.shape[1]):
+        noise = tv(ref[0], ref[1], pos)
+        assert len(ours[:, pos].unique()) > 3                       # a real distribution, not one token
+        assert tv(ours, ref[0], pos) < 1.5 * noise + 0.01, (pos, tv(ours, ref[0], pos), noise)
+        assert tv(hot, ref[0], pos) > 3 * noise                      # another distribution is caught
+
+
+def test_threshold_one_is_low_confidence_one_token_a_step(dlm):
+    batch = build_inputs(dlm.tokenizer, ["the king said", "o"], 8, mask_token_id=dlm.mask_token_id)
+    for block_length in (8, 3):
+        steps = []
+        fast = run(dlm, batch, "threshold", threshold=1.0, diffusion_steps=64, block_length=block_length,
+                   callback=lambda s, x: steps.append(s))
+        slow = run(dlm, batch, "low_confidence", diffusion_steps=8 if block_length == 8 else 9, block_length=block_length)
+        if block_length == 8:
+            assert torch.equal(fast, slow) and len(steps) == 8          # never confident enough: one token a step
+        else:
+            assert len(steps) == 8                                     # blocks of 3, 3, 2: 8 steps, not 64
+
+
+def test_threshold_and_factor_commit_counts():
+    conf = torch.tensor([[0.95, 0.5, 0.91, float("-inf")], [0.2, 0.1, float("-inf"), float("-inf")]])
+    still = conf > float("-inf")
+    assert commit_counts(conf, still, threshold=0.9).tolist() == [2, 1]     # at least one per row
+    assert commit_counts(conf, still, threshold=0.05).tolist() == [3, 2]
+    # factor: sorted 0.95, 0.91, 0.5: (2)(0.05)=0.1, (3)(0.09)=0.27, (4)(0.5)=2.0
+    assert commit_counts(conf, still, factor=0.3).tolist() == [2, 1]
+    assert commit_counts(conf, still, factor=3.0).tolist() == [3, 2]          # row 2: (2)(0.8), (3)(0.9) < 3
+    assert commit_counts(conf, still, factor=0.01).tolist() == [1, 1]
+
+
+def test_threshold_low_fills_a_block_per_step_and_respects_the_step_cap(dlm):
+    batch = build_inputs(dlm.tokenizer, ["the king"], 8, mask_token_id=dlm.mask_token_id)
+    steps = []
+    out = run(dlm, batch, "threshold", threshold=1e-9, diffusion_steps=64, block_length=4, callback=lambda s, x: steps.append(s))
+    assert len(steps) == 2 and not (out == dlm.mask_token_id).any()
+    steps.clear()
+    run(dlm, batch, "threshold", threshold=1.0, diffusion_steps=2, block_length=4, callback=lambda s, x: steps.append(s))
+    assert len(steps) == 2                                              # the cap: the last step fills the block
