@@ -521,6 +521,47 @@ def _step_logits(model, x, att, positions):
     return logits
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+def _head(model, hidden, positions, offset=0):
+    """Float logits [N, V] for `positions` [B, L] (row-major) from hidden states whose column 0 is sequence
+    column `offset`; with shift a position is predicted by the column before it. [MASK] is never proposed."""
+    b, p = positions.nonzero(as_tuple=True)
+    logits = model.model.get_output_embeddings()(hidden[b, p - int(model.shift) - offset]).float()
+    logits[:, model.mask_token_id] = float("-inf")
+    return logits
+
+
+def refresh_cache(model, x, att, block, mode, positions):
+    """Start a cached block (Fast-dLLM's approximate KV cache for diffusion): one full forward gives the exact
+    logits of `positions` and the keys/values of every column outside the window that the block's next
+    steps recompute: the block's columns (from the one before its first, whose output predicts it under
+    shift) and, for `prefix`, everything after the block; `dual` caches what follows the block too.
+    Returns (logits, state for cached_step_logits)."""
+    from transformers import DynamicCache
+    B, L = x.shape
+    cols = block.any(0).nonzero().squeeze(1)
+    ws, we = int(cols[0]) - int(model.shift), (int(cols[-1]) + 1 if mode == "dual" else L)
+    pos = (att.long().cumsum(-1) - 1).clamp(min=0) if att is not None else torch.arange(L, device=x.device).expand(B, L)
+    out = model.model.get_decoder()(input_ids=x, attention_mask=att, position_ids=pos, use_cache=True, is_causal=False)
+    keep = torch.cat([torch.arange(ws, device=x.device), torch.arange(we, L, device=x.device)])
+    cache = DynamicCache(ddp_cache_data=[(layer.keys[:, :, keep], layer.values[:, :, keep])
+                                         for layer in out.past_key_values.layers])
+    att2 = None if att is None else torch.cat([att[:, keep], att[:, ws:we]], dim=1)
+    return _head(model, out.last_hidden_state, positions), {"ws": ws, "we": we, "cache": cache, "pos": pos, "att": att2}
+
+
+def cached_step_logits(model, x, positions, state):
+    """Logits of `positions` recomputing only the window of the current block; the other columns' keys
+    and values come from the last refresh (stale once the block has changed: the approximation)."""
+    ws, we = state["ws"], state["we"]
+    out = model.model.get_decoder()(input_ids=x[:, ws:we], attention_mask=state["att"], position_ids=state["pos"][:, ws:we],
+                                    past_key_values=state["cache"], use_cache=True, is_causal=False)
+    state["cache"].crop(-(we - ws))                          # drop the window's keys again: the cache stays as refreshed
+    return _head(model, out.last_hidden_state, positions, ws)
+
+
 @torch.no_grad()
 def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
                      topp_temp=0.9, generator=None, callback=None):
@@ -567,7 +608,8 @@ def commit_counts(conf, still, threshold=None, factor=None):
 
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
-                   remasking="low_confidence", threshold=0.9, factor=None, generator=None, callback=None):
+                   remasking="low_confidence", threshold=0.9, factor=None, cache="none", cache_refresh=0,
+                   generator=None, callback=None):
     """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
     into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
     Each step predicts x0 for the block's masked positions (Gumbel-max in float64 at `temperature`, greedy
@@ -575,11 +617,16 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     `threshold` (parallel decoding, Fast-dLLM): each step commits every masked position of the block
     whose confidence is at least `threshold` (or, with `factor`, by the factor rule; see commit_counts),
     at least one, and the block ends when it is full: its share of the steps is only an upper bound
-    (its last allowed step commits whatever is left)."""
+    (its last allowed step commits whatever is left).
+    `cache` (`prefix` or `dual`, see refresh_cache): the first step of each block runs the whole sequence
+    and caches keys/values; the block's other steps recompute only the block and what follows it
+    (`prefix`) or only the block (`dual`). `cache_refresh` N > 0 also refreshes every N steps."""
     if remasking not in ("low_confidence", "random", "threshold"):
         raise ValueError(f"remasking must be 'low_confidence', 'random' or 'threshold', got {remasking!r}")
     if block_length < 1 or steps < 1:
         raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
     rank = todo.long().cumsum(1) - 1                       # order of each generated position in its row
     block_of = torch.where(todo, rank // block_length, -1)
@@ -590,12 +637,18 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     step = 0
     for blk in range(n_blocks):
         still = block_of == blk                            # masked positions of the current block
+        block = still.clone()
         schedule = transfer_schedule(still.sum(1), block_steps[blk])
         for i in range(block_steps[blk]):
             if remasking == "threshold" and not still.any():
                 break                                      # the block is full: its remaining steps are not needed
             if still.any():
-                logits = _step_logits(model, x, att, still)
+                if cache == "none":
+                    logits = _step_logits(model, x, att, still)
+                elif i == 0 or (cache_refresh and i % cache_refresh == 0):
+                    logits, state = refresh_cache(model, x, att, block, cache, still)
+                else:
+                    logits = cached_step_logits(model, x, still, state)
                 if temperature > 0:
                     u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
                     x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
@@ -630,14 +683,16 @@ SAMPLERS = ("diffullama", "low_confidence", "random", "threshold")
 
 
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
-           temperature=0.0, threshold=0.9, factor=None, generator=None, callback=None):
+           temperature=0.0, threshold=0.9, factor=None, cache="none", generator=None, callback=None):
     """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
     if sampler == "diffullama":
+        if cache != "none":
+            raise ValueError("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
         return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
                                 topp_temp=topp_temp, generator=generator, callback=callback)
     if sampler in ("low_confidence", "random", "threshold"):
         block_length = block_length or batch["input_ids"].shape[1]
         return generate_llada(model, **batch, steps=diffusion_steps, block_length=block_length,
                               temperature=temperature, remasking=sampler, threshold=threshold, factor=factor,
-                              generator=generator, callback=callback)
+                              cache=cache, generator=generator, callback=callback)
     raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")

@@ -6,6 +6,7 @@ Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
     python sample.py --model_name out/adapt --num_samples 4              # unconditional
     python sample.py --model_name out/adapt --sampler low_confidence --block_length 32 --diffusion_steps 64
     python sample.py --model_name out/adapt --sampler threshold --threshold 0.9 --block_length 32   # parallel decoding
+    python sample.py --model_name out/adapt --sampler threshold --block_length 32 --cache dual       # + KV cache
     python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
 
 --model_name takes a folder saved by train_adapt.py/train_sft.py, a released DiffuGPT or DiffuLLaMA
@@ -17,7 +18,7 @@ import os
 
 import torch
 
-from model import (DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, default_device, default_dtype,
+from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, default_device, default_dtype,
                    max_positions, sample)
 
 
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="low_confidence/random/threshold: Gumbel temperature (0 = greedy)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold: commit every position this confident (0-1]")
     p.add_argument("--factor", type=float, default=None, help="threshold: the factor rule instead, (n + 1)(1 - c_n) < factor")
+    p.add_argument("--cache", default="none", choices=CACHE_MODES, help="block samplers: approximate KV cache (prefix or dual)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -50,6 +52,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sampler not in SAMPLERS:
         p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if args.cache != "none" and args.sampler == "diffullama":
+        p.error("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
     for flag in ("gen_len", "diffusion_steps", "num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -101,7 +105,7 @@ def main(argv=None):
             print(f"step {step:4d}: {text}", flush=True)
 
         out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
-                     args.block_length, args.temperature, args.threshold, args.factor, generator=g,
+                     args.block_length, args.temperature, args.threshold, args.factor, args.cache, generator=g,
                      callback=show if args.verbose else None)
         out = out.cpu()
         for b, prompt in enumerate(chunk):

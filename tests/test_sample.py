@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import save_tiny_ar, tiny_tokenizer
-from model import (DiscreteDiffusionModel, build_inputs, commit_counts, generate_llada, generate_samples, sample,
-                   transfer_schedule)
+from conftest import tiny_causal_lm
+from model import (DiscreteDiffusionModel, _step_logits, build_inputs, cached_step_logits, commit_counts, generate_llada,
+                   generate_samples, refresh_cache, sample, transfer_schedule)
 import sample as sample_script
 
 SAMPLERS = ["diffullama", "low_confidence", "random", "threshold"]
@@ -270,3 +271,59 @@ def test_threshold_low_fills_a_block_per_step_and_respects_the_step_cap(dlm):
     steps.clear()
     run(dlm, batch, "threshold", threshold=1.0, diffusion_steps=2, block_length=4, callback=lambda s, x: steps.append(s))
     assert len(steps) == 2                                              # the cap: the last step fills the block
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cache_right_after_a_refresh_gives_the_no_cache_logits(arch, mode):
+    """Refresh, then a cached step on the unchanged sequence: exactly the full forward's logits (left padding,
+    an infilling suffix, shift), so the cache, its masks and positions are right; and again after a change."""
+    m = DiscreteDiffusionModel(tiny_causal_lm(arch), mask_token_id=3).eval()
+    x = torch.randint(4, 90, (2, 16), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(x)
+    att[1, :4] = 0
+    x[:, 8:13] = 3                                                   # the block: columns 8..11, a suffix after
+    block = torch.zeros_like(x, dtype=torch.bool)
+    block[:, 8:12] = True
+    with torch.no_grad():
+        full = _step_logits(m, x, att, block)
+        first, state = refresh_cache(m, x, att, block, mode, block)
+        again = cached_step_logits(m, x, block, state)
+        assert torch.allclose(first, full, atol=1e-5) and torch.allclose(again, full, atol=1e-5)
+        assert state["cache"].get_seq_length() == (16 - 5 if mode == "dual" else 7)
+        y = x.clone()
+        y[:, 9] = 20                                                 # a token of the block changes
+        assert not torch.allclose(cached_step_logits(m, y, block, state), first, atol=1e-4)   # the window is recomputed
+
+
+@pytest.mark.parametrize("sampler", ["low_confidence", "threshold"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cache_refreshed_every_step_is_the_no_cache_output(dlm, sampler, mode):
+    batch = build_inputs(dlm.tokenizer, ["the king said to", "o"], 12, ["my lord", "you"], dlm.mask_token_id)
+    kw = dict(steps=12, block_length=4, remasking=sampler, threshold=0.05)
+    plain = generate_llada(dlm, **batch, **kw)
+    assert torch.equal(generate_llada(dlm, **batch, **kw, cache=mode, cache_refresh=1), plain)
+    cached = generate_llada(dlm, **batch, **kw, cache=mode)          # the approximation: fixed positions still kept
+    fixed = batch["src_mask"] | ~batch["attention_mask"].bool()
+    assert torch.equal(cached[fixed], batch["input_ids"][fixed]) and not (cached == dlm.mask_token_id).any()
+
+
+@pytest.mark.parametrize("mode", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("sampler", ["low_confidence", "threshold"])
+def test_cache_left_padded_batch_equals_one_at_a_time(dlm, mode, sampler):
+    prompts = ["the king said to his queen", "a", "o my lord"]
+    batch = build_inputs(dlm.tokenizer, prompts, 8, mask_token_id=dlm.mask_token_id)
+    kw = dict(sampler=sampler, block_length=4, cache=mode, threshold=0.3)
+    together = run(dlm, batch, **kw)
+    for b, p in enumerate(prompts):
+        one = build_inputs(dlm.tokenizer, [p], 8, mask_token_id=dlm.mask_token_id)
+        n = one["input_ids"].shape[1]
+        assert torch.equal(together[b, -n:], run(dlm, one, **kw)[0])
+
+
+def test_cache_needs_a_block_sampler(dlm):
+    batch = build_inputs(dlm.tokenizer, ["the king"], 4, mask_token_id=dlm.mask_token_id)
+    with pytest.raises(ValueError, match="--cache works with the block samplers"):
+        run(dlm, batch, "diffullama", cache="dual")
+    with pytest.raises(ValueError, match="--cache must be one of"):
+        run(dlm, batch, "low_confidence", cache="full")
