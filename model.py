@@ -515,7 +515,11 @@ def _prepare(model, input_ids, src_mask, attention_mask):
 
 def _step_logits(model, x, att, positions):
     """The step helper every sampler shares: float logits [N, V] for the positions asked for (row-major),
-    with [MASK] never proposed. The LM head runs on those positions only."""
+    with [MASK] never proposed. The LM head runs on those positions only, and rows with none of them
+    stay out of the forward."""
+    rows = positions.any(1)
+    if not rows.all():
+        x, positions, att = x[rows], positions[rows], None if att is None else att[rows]
     logits = model(x, att, target_mask=positions).float()
     logits[:, model.mask_token_id] = float("-inf")
     return logits
@@ -562,24 +566,52 @@ def cached_step_logits(model, x, positions, state):
     return _head(model, out.last_hidden_state, positions, ws)
 
 
+def eos_id(model):
+    tok = model.tokenizer
+    eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else model.config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0]
+    if eos is None:
+        raise ValueError("--stop_at_eos: the model has no EOS token")
+    return int(eos)
+
+
+def stop_rows_at_eos(x, todo, pending, eos):
+    """--stop_at_eos: a row whose generated positions hold a committed EOS with every generated position
+    before it committed is finished: its generated positions after that EOS become EOS and leave
+    `pending` (so no step spends anything on them). Updates x and pending in place; returns the filled."""
+    L = x.shape[1]
+    col = torch.arange(L, device=x.device).expand_as(x)
+    first_eos = torch.where(todo & ~pending & (x == eos), col, L).min(1).values
+    first_pending = torch.where(pending, col, L).min(1).values
+    fill = todo & (first_eos < first_pending)[:, None] & (col > first_eos[:, None])
+    x[fill] = eos
+    pending &= ~fill
+    return fill
+
+
 @torch.no_grad()
 def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
-                     topp_temp=0.9, generator=None, callback=None):
+                     topp_temp=0.9, stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 each still-masked
     position is revealed with probability 1/t (so everything is revealed at t = 1), its token sampled
     from top-p filtered softmax(logits / logits_temp). Which positions are revealed is drawn first, so
     the head, top-p and sampling run on those positions only, and a step that reveals nothing runs no
     forward (the state would not change): the same distribution as sampling every masked position and
-    keeping each sample with probability 1/t. callback(step, x) sees each state."""
+    keeping each sample with probability 1/t. With stop_at_eos a finished row (see stop_rows_at_eos) is
+    filled with EOS and leaves the forward. callback(step, x) sees each state."""
     if diffusion_steps < 1:
         raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
+    todo, eos = still.clone(), (eos_token_id if eos_token_id is not None else eos_id(model)) if stop_at_eos else None
     for t in range(diffusion_steps, 0, -1):
         reveal = still & (torch.rand(x.shape, device=x.device, generator=generator) < 1.0 / t)
         if reveal.any():
             logits = top_p_filter(_step_logits(model, x, att, reveal) / max(logits_temp, 1e-6), topp_temp)
             x[reveal] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
             still &= ~reveal
+            if stop_at_eos:
+                stop_rows_at_eos(x, todo, still, eos)
         if callback is not None:
             callback(diffusion_steps - t + 1, x)
     return x
@@ -609,7 +641,7 @@ def commit_counts(conf, still, threshold=None, factor=None):
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
                    remasking="low_confidence", threshold=0.9, factor=None, cache="none", cache_refresh=0,
-                   generator=None, callback=None):
+                   stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
     into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
     Each step predicts x0 for the block's masked positions (Gumbel-max in float64 at `temperature`, greedy
@@ -620,7 +652,9 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     (its last allowed step commits whatever is left).
     `cache` (`prefix` or `dual`, see refresh_cache): the first step of each block runs the whole sequence
     and caches keys/values; the block's other steps recompute only the block and what follows it
-    (`prefix`) or only the block (`dual`). `cache_refresh` N > 0 also refreshes every N steps."""
+    (`prefix`) or only the block (`dual`). `cache_refresh` N > 0 also refreshes every N steps.
+    `stop_at_eos`: a finished row (see stop_rows_at_eos) is filled with EOS and leaves the forward, and a
+    block with nothing left in any row is skipped."""
     if remasking not in ("low_confidence", "random", "threshold"):
         raise ValueError(f"remasking must be 'low_confidence', 'random' or 'threshold', got {remasking!r}")
     if block_length < 1 or steps < 1:
@@ -634,9 +668,12 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     if steps < n_blocks:
         raise ValueError(f"--diffusion_steps ({steps}) must be at least the number of blocks ({n_blocks} = gen_len / --block_length)")
     block_steps = transfer_schedule(torch.tensor([steps]), n_blocks)[0].tolist()
+    pending, eos = todo.clone(), (eos_token_id if eos_token_id is not None else eos_id(model)) if stop_at_eos else None
     step = 0
     for blk in range(n_blocks):
-        still = block_of == blk                            # masked positions of the current block
+        still = (block_of == blk) & pending                # masked positions of the current block
+        if stop_at_eos and not still.any():
+            continue                                       # every row finished before this block
         block = still.clone()
         schedule = transfer_schedule(still.sum(1), block_steps[blk])
         for i in range(block_steps[blk]):
@@ -671,8 +708,12 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                     k = int(counts[b])
                     if k > 0:
                         commit[b, conf[b].topk(k).indices] = True
+                commit &= still                            # a row finished by stop_at_eos keeps its schedule: commit nothing
                 x = torch.where(commit, proposal, x)
                 still &= ~commit
+                pending &= ~commit
+                if stop_at_eos:
+                    still &= ~stop_rows_at_eos(x, todo, pending, eos)
             step += 1
             if callback is not None:
                 callback(step, x)
@@ -683,16 +724,16 @@ SAMPLERS = ("diffullama", "low_confidence", "random", "threshold")
 
 
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
-           temperature=0.0, threshold=0.9, factor=None, cache="none", generator=None, callback=None):
+           temperature=0.0, threshold=0.9, factor=None, cache="none", stop_at_eos=False, generator=None, callback=None):
     """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
     if sampler == "diffullama":
         if cache != "none":
             raise ValueError("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
         return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
-                                topp_temp=topp_temp, generator=generator, callback=callback)
+                                topp_temp=topp_temp, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
     if sampler in ("low_confidence", "random", "threshold"):
         block_length = block_length or batch["input_ids"].shape[1]
         return generate_llada(model, **batch, steps=diffusion_steps, block_length=block_length,
                               temperature=temperature, remasking=sampler, threshold=threshold, factor=factor,
-                              cache=cache, generator=generator, callback=callback)
+                              cache=cache, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
     raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")

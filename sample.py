@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.9, help="threshold: commit every position this confident (0-1]")
     p.add_argument("--factor", type=float, default=None, help="threshold: the factor rule instead, (n + 1)(1 - c_n) < factor")
     p.add_argument("--cache", default="none", choices=CACHE_MODES, help="block samplers: approximate KV cache (prefix or dual)")
+    p.add_argument("--stop_at_eos", action="store_true", help="a row that has written EOS (and all before it) stops there")
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +106,7 @@ def main(argv=None):
             print(f"step {step:4d}: {text}", flush=True)
 
         out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
-                     args.block_length, args.temperature, args.threshold, args.factor, args.cache, generator=g,
+                     args.block_length, args.temperature, args.threshold, args.factor, args.cache, args.stop_at_eos, generator=g,
                      callback=show if args.verbose else None)
         out = out.cpu()
         for b, prompt in enumerate(chunk):

@@ -327,3 +327,42 @@ def test_cache_needs_a_block_sampler(dlm):
         run(dlm, batch, "diffullama", cache="dual")
     with pytest.raises(ValueError, match="--cache must be one of"):
         run(dlm, batch, "low_confidence", cache="full")
+
+
+@pytest.mark.parametrize("sampler", ["diffullama", "low_confidence", "threshold"])
+def test_stop_at_eos_changes_nothing_before_the_first_eos(dlm, sampler):
+    prompts = ["the king said"]           # sampling, one row: the random stream is the same until the row finishes
+    batch = build_inputs(dlm.tokenizer, prompts, 16, mask_token_id=dlm.mask_token_id)
+    gen = ~batch["src_mask"] & batch["attention_mask"].bool()
+    rows_forwarded = []
+    forward = dlm.forward
+
+    def go(**kw):
+        rows_forwarded.append(0)
+        dlm.forward = lambda *a, **k: rows_forwarded.__setitem__(-1, rows_forwarded[-1] + a[0].shape[0]) or forward(*a, **k)
+        try:
+            g = torch.Generator().manual_seed(0)
+            if sampler == "diffullama":
+                return generate_samples(dlm, **batch, diffusion_steps=16, generator=g, **kw)
+            return generate_llada(dlm, **batch, steps=16, block_length=4, remasking=sampler, threshold=0.2,
+                                  temperature=1.0, generator=g, **kw)
+        finally:
+            del dlm.forward
+
+    plain = go()
+    eos = int(plain[gen][len(plain[gen]) // 3])                  # a token written early in the span plays EOS
+    stopped = go(stop_at_eos=True, eos_token_id=eos)
+    finished = 0
+    for b in range(len(prompts)):
+        cols = gen[b].nonzero().squeeze(1)
+        hits = (stopped[b, cols] == eos).nonzero()
+        if len(hits):
+            e = int(hits[0])
+            assert torch.equal(stopped[b, cols[:e + 1]], plain[b, cols[:e + 1]])   # nothing changes up to the EOS
+            assert (stopped[b, cols[e:]] == eos).all()                            # and EOS after it
+            finished += int(not torch.equal(stopped[b], plain[b]))
+        else:
+            assert torch.equal(stopped[b], plain[b])
+    assert finished >= 1 and rows_forwarded[1] <= rows_forwarded[0]             # finished rows cost nothing more
+    if sampler != "diffullama":                                                  # (its random order finishes late)
+        assert rows_forwarded[1] < rows_forwarded[0]
