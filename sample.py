@@ -7,6 +7,7 @@ Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
     python sample.py --model_name out/adapt --sampler low_confidence --block_length 32 --diffusion_steps 64
     python sample.py --model_name out/adapt --sampler threshold --threshold 0.9 --block_length 32   # parallel decoding
     python sample.py --model_name out/adapt --sampler threshold --block_length 32 --cache dual       # + KV cache
+    python sample.py --model_name out/sft --chat --sampler threshold --block_length 32               # interactive
     python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
 
 --model_name takes a folder saved by train_adapt.py/train_sft.py, a released DiffuGPT or DiffuLLaMA
@@ -15,6 +16,7 @@ checkpoint (folder or hub id), or `smollm2-135m` (the embedded model: an AR mode
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -42,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--factor", type=float, default=None, help="threshold: the factor rule instead, (n + 1)(1 - c_n) < factor")
     p.add_argument("--cache", default="none", choices=CACHE_MODES, help="block samplers: approximate KV cache (prefix or dual)")
     p.add_argument("--stop_at_eos", action="store_true", help="a row that has written EOS (and all before it) stops there")
+    p.add_argument("--chat", action="store_true", help="interactive: one reply per line typed (the chat template if the tokenizer has one)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -85,6 +88,8 @@ def main(argv=None):
     tok = model.tokenizer
     if tok is None:
         args.error(f"--model_name {args.model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
+    if args.chat:
+        return chat(model, args, torch.Generator(device=device).manual_seed(args.seed))
     prompts = [p for p in (args.prompt or [None]) for _ in range(args.num_samples)]
     try:  # check every prompt's length before any work
         distinct = list(dict.fromkeys(prompts))
@@ -124,6 +129,38 @@ def main(argv=None):
             for r in results:
                 f.write(json.dumps(r) + "\n")
     return results
+
+
+def chat(model, args, g, stdin=None):
+    """--chat: read a line, reply with --gen_len new tokens (stopping at EOS), keep the conversation. The
+    prompt is the tokenizer's chat template with a generation prompt when it has one, else the turns joined
+    as plain text. An empty line or end of input quits. Returns the conversation."""
+    tok, stdin = model.tokenizer, stdin or sys.stdin
+    messages = []
+    print("chat: type a message (empty line to quit)", flush=True)
+    while True:
+        print("> ", end="", flush=True)
+        line = stdin.readline()
+        if not line.strip():
+            return messages
+        messages.append({"role": "user", "content": line.strip()})
+        if tok.chat_template:
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = "\n".join(m["content"] for m in messages) + "\n"
+        try:
+            batch = build_inputs(tok, [prompt], args.gen_len, mask_token_id=model.mask_token_id,
+                                 max_len=max_positions(model.config))
+        except ValueError as e:
+            print(f"sample.py: {e}; start again with a shorter message", flush=True)
+            messages = []
+            continue
+        out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
+                     args.block_length, args.temperature, args.threshold, args.factor, args.cache, True, generator=g)
+        gen = ~batch["src_mask"][0] & batch["attention_mask"][0].bool()
+        reply = tok.decode(out[0].cpu()[gen], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
 
 
 if __name__ == "__main__":

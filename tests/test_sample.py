@@ -366,3 +366,24 @@ def test_stop_at_eos_changes_nothing_before_the_first_eos(dlm, sampler):
     assert finished >= 1 and rows_forwarded[1] <= rows_forwarded[0]             # finished rows cost nothing more
     if sampler != "diffullama":                                                  # (its random order finishes late)
         assert rows_forwarded[1] < rows_forwarded[0]
+
+
+def test_chat_loop_keeps_the_conversation(dlm, capsys):
+    import io
+    args = sample_script.parse_args(["--chat", "--gen_len", "4", "--sampler", "threshold", "--diffusion_steps", "4"])
+    g = torch.Generator().manual_seed(0)
+    msgs = sample_script.chat(dlm, args, g, stdin=io.StringIO("the king said\no my lord\n\n"))
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[2]["content"] == "o my lord"
+    dlm.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    try:
+        seen = []
+        real = sample_script.build_inputs
+        sample_script.build_inputs = lambda tok, prompts, *a, **k: seen.append(prompts[0]) or real(tok, prompts, *a, **k)
+        sample_script.chat(dlm, args, g, stdin=io.StringIO("the king\n"))
+    finally:
+        sample_script.build_inputs = real
+        dlm.tokenizer.chat_template = None
+    assert seen == ["user the king "]
+    out = capsys.readouterr().out
+    assert out.count("> ") == 5
