@@ -1,74 +1,140 @@
 """
-Sampler speed: tokens per second of each diffusion sampler beside the AR model's own greedy
-`generate` with KV cache, on the same weights.
+Sampler speed and quality: tokens per second, forwards per token, generative perplexity (scored by the
+AR parent with its exact likelihood) and unigram entropy of every diffusion sampler beside the AR
+parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
 
-    python bench/bench_samplers.py                       # embedded model, 256 new tokens, 64 steps, batch 1
-    python bench/bench_samplers.py --model_name out/adapt --gen_len 256 --diffusion_steps 64 --device cuda
+    python bench/bench_samplers.py --model_name out/adapt/final                 # all configurations, batch 1 and 8
+    python bench/bench_samplers.py --model_name out/adapt/final --configs threshold0.9,threshold0.9+dual,ar_greedy
+    python bench/bench_samplers.py --n_prompts 2 --gen_len 32 --batch_sizes 1    # a quick look
 
-The diffusion figures do not depend on whether the model was adapted (same compute per step).
-Prints a markdown table.
+Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
+training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
 """
 import argparse
+import json
+import math
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import DTYPES, DiscreteDiffusionModel, build_inputs, default_device, default_dtype, sample  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from eval_zeroshot import Scorer  # noqa: E402
+from model import DTYPES, build_inputs, default_device, default_dtype, sample  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--model_name", default="smollm2-135m")
-p.add_argument("--prompt", default="ROMEO: What light through yonder window breaks?")
-p.add_argument("--gen_len", type=int, default=256)
-p.add_argument("--diffusion_steps", type=int, default=64)
-p.add_argument("--block_length", type=int, default=32)
-p.add_argument("--repeats", type=int, default=2)
-p.add_argument("--device", default=default_device())
-p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-p.add_argument("--attn_implementation", default="sdpa")
-args = p.parse_args()
-dtype = args.dtype or default_dtype(args.device)
-
-model = DiscreteDiffusionModel.from_pretrained(args.model_name, dtype=dtype, device=args.device,
-                                               attn_implementation=args.attn_implementation).eval()
-batch = build_inputs(model.tokenizer, [args.prompt], args.gen_len, mask_token_id=model.mask_token_id)
+# name -> (sampler, keyword arguments of model.sample); "ar_*" run the AR parent's generate
+CONFIGS = {
+    "diffullama64": ("diffullama", dict(diffusion_steps=64)),
+    "diffullama256": ("diffullama", dict(diffusion_steps=256)),
+    "low_confidence": ("low_confidence", dict(diffusion_steps=256, block_length=32)),
+    "threshold0.9": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.9)),
+    "threshold0.7": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.7)),
+    "threshold0.9+prefix": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.9, cache="prefix")),
+    "threshold0.9+dual": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.9, cache="dual")),
+    "ar_greedy": ("ar", dict(do_sample=False)),
+    "ar_sampled": ("ar", dict(do_sample=True, top_p=0.9, temperature=1.0)),
+}
 
 
-def timed(fn, warmup):
-    warmup()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        fn()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def fixed_prompts(data_dir, n, words=24):
+    """n prompts, half from wiki_demo.txt paragraphs and half from c4_demo.json documents: the first
+    `words` words of each of the first ones that have at least 2 * words words."""
+    texts = [line for line in open(os.path.join(data_dir, "wiki_demo.txt"), encoding="utf-8")]
+    docs = [d["text"] for d in json.load(open(os.path.join(data_dir, "c4_demo.json"), encoding="utf-8"))]
+    pick = lambda src: [" ".join(t.split()[:words]) for t in src if len(t.split()) >= 2 * words]
+    wiki, c4 = pick(texts), pick(docs)
+    return [p for pair in zip(wiki, c4) for p in pair][:n]
 
 
-rows = []
-for name in ("diffullama", "low_confidence", "random"):
-    run = lambda steps: sample(model, batch, name, steps, block_length=args.block_length,  # noqa: E731
-                               generator=torch.Generator(args.device).manual_seed(0))
-    secs = timed(lambda: run(args.diffusion_steps), lambda: run(args.gen_len // args.block_length))
-    rows.append((f"{name} ({args.diffusion_steps} steps" + (f", blocks of {args.block_length})" if name != "diffullama" else ")"), secs))
+def unigram_entropy(ids):
+    """Entropy (nats) of the token frequencies of one sample."""
+    counts = Counter(ids)
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values()) if n else 0.0
 
-# the AR model's own greedy decoding with KV cache, on the same weights and causal attention
-hf = model.model
-hf.config.is_causal = True
-ids = batch["input_ids"][:, batch["attention_mask"][0].bool()][:, :int(batch["src_mask"].sum())].to(args.device)
-with torch.no_grad():
-    gen = lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,  # noqa: E731
-                                pad_token_id=model.tokenizer.eos_token_id)
-    secs = timed(lambda: gen(args.gen_len), lambda: gen(8))
-rows.append(("AR greedy generate, KV cache", secs))
-hf.config.is_causal = False
 
-print(f"\n{args.model_name}, {args.gen_len} new tokens, batch 1, {args.device} ({torch.get_num_threads()} threads), {dtype}\n")
-print("| sampler | seconds | tokens/s |\n|---|---|---|")
-for name, secs in rows:
-    print(f"| {name} | {secs:.2f} | {args.gen_len / secs:.1f} |")
+def gen_perplexity(ar, prompts_ids, gens):
+    """exp of the mean negative log-likelihood per generated token under the AR scorer (exact), pooled
+    over the samples."""
+    lls = ar.loglik([(p, g) for p, g in zip(prompts_ids, gens) if g])
+    n = sum(len(g) for g in gens if g)
+    return math.exp(-sum(ll for ll, _ in lls) / n) if n else float("nan")
+
+
+def count_forwards(module):
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *a, **k: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--model_name", default="smollm2-135m")
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="holds wiki_demo.txt and c4_demo.json")
+    p.add_argument("--n_prompts", type=int, default=20)
+    p.add_argument("--gen_len", type=int, default=256)
+    p.add_argument("--batch_sizes", default="1,8")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    args = p.parse_args(argv)
+    for f in ("wiki_demo.txt", "c4_demo.json"):
+        if not os.path.isfile(os.path.join(args.data_dir, f)):
+            p.error(f"--data_dir {args.data_dir}: no {f}")
+    names = [c for c in args.configs.split(",") if c]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad:
+        p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)})")
+    dtype = args.dtype or default_dtype(args.device)
+    dlm = Scorer(args.model_name, device=args.device, dtype=dtype)
+    ar = Scorer(args.model_name, ar=True, device=args.device, dtype=dtype)
+    tok, model = dlm.tokenizer, dlm.model
+    prompts = fixed_prompts(args.data_dir, args.n_prompts)
+    prompt_ids = [dlm.encode_pair(q, "")[0] for q in prompts]
+    rows = []
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        for name in names:
+            kind, kw = CONFIGS[name]
+            target = (ar.model if kind == "ar" else model.model).get_decoder()
+            calls, handle = count_forwards(target)
+            gens, secs = [], 0.0
+            g = torch.Generator(args.device).manual_seed(args.seed)
+            torch.manual_seed(args.seed)
+            for s in range(0, len(prompts), bs):
+                chunk = prompts[s:s + bs]
+                t0 = time.perf_counter()
+                if kind == "ar":
+                    ids, att = ar._pad(prompt_ids[s:s + bs])
+                    with torch.no_grad():
+                        out = ar.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.gen_len,
+                                                min_new_tokens=args.gen_len, pad_token_id=ar.pad, **kw)
+                    gens += out[:, ids.shape[1]:].tolist()
+                else:
+                    batch = build_inputs(tok, chunk, args.gen_len, mask_token_id=model.mask_token_id)
+                    out = sample(model, batch, kind, generator=g, **kw).cpu()
+                    gen = ~batch["src_mask"] & batch["attention_mask"].bool()
+                    gens += [out[b][gen[b]].tolist() for b in range(len(chunk))]
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                secs += time.perf_counter() - t0
+            handle.remove()
+            n_tok = args.gen_len * len(prompts)
+            n_batches = math.ceil(len(prompts) / bs)
+            rows.append((name, bs, n_tok / secs, calls[0] / (n_batches * args.gen_len),
+                         gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens)))
+            print(f"{name} batch {bs}: {rows[-1][2]:.2f} tokens/s", file=sys.stderr, flush=True)
+    print(f"\n{args.model_name}, {len(prompts)} prompts, {args.gen_len} new tokens, {args.device} "
+          f"({torch.get_num_threads()} threads), {dtype}\n")
+    print("| configuration | batch | tokens/s | forwards per token | gen. perplexity (AR parent) | unigram entropy (nats) |")
+    print("|---|---|---|---|---|---|")
+    for name, bs, tps, fpt, ppl, ent in rows:
+        print(f"| {name} | {bs} | {tps:.2f} | {fpt:.3f} | {ppl:.1f} | {ent:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
