@@ -117,8 +117,10 @@ def check_model_folder(path):
                 data = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{os.path.join(path, name)}: not valid JSON ({str(e).splitlines()[0]})") from None
-        if name.endswith(".safetensors.index.json"):
-            shards = set((data.get("weight_map") or {}).values()) if isinstance(data, dict) else set()
+        if not isinstance(data, dict):
+            raise ValueError(f"{os.path.join(path, name)}: not a JSON object")
+        if name.endswith(".safetensors.index.json") and isinstance(data.get("weight_map"), dict):
+            shards = set(data["weight_map"].values())
             for shard in sorted(shards):
                 if not os.path.isfile(os.path.join(path, shard)):
                     raise FileNotFoundError(f"{os.path.join(path, name)} names {shard}, which is missing")

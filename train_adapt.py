@@ -495,6 +495,11 @@ def list_data_files(data):
     for f in files:
         if not f.endswith(TEXT_EXTS + JSON_EXTS + (".bin",)):
             die(f"--data {f}: unknown format (expected .txt, .md, .text, .json, .jsonl or .bin)")
+        try:   # every file readable before anything is written to the token cache
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            die(f"--data {f}: cannot be read ({e.strerror or e})")
     return ("bin" if bins else "text"), files
 
 
@@ -820,7 +825,17 @@ def restore_handlers(previous):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """Train (see the top of this file); returns the step reached. SIGTERM, SIGUSR1 and a first Ctrl-C stop the
+    run at the next step boundary with a checkpoint (install_stop_handlers); the handlers are undone at the end."""
+    stop = {}
+    previous = install_stop_handlers(stop)
+    try:
+        return train(sys.argv[1:] if argv is None else argv, stop)
+    finally:
+        restore_handlers(previous)
+
+
+def train(argv, stop):
     args = build_parser().parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1028,8 +1043,6 @@ def main(argv=None):
         log({"step": 0, "val_loss": vl, "val_unweighted_loss": vu})
         log0(f"step 0: val loss {vl:.4f} (unweighted {vu:.4f})")
 
-    stop = {}
-    previous_handlers = install_stop_handlers(stop)
     L, B, A = args.seq_len, args.batch_size, args.grad_accum
     maskable = maskable_positions(torch.zeros(B, L, dtype=torch.long, device=device), shift=raw.shift)
     while step < args.max_steps:
@@ -1076,16 +1089,16 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-", lr=f"{lr:.1e}",
                         ratio=f"{ratio:.2f}", refresh=False)
-        stop_now = bool(stop)
+        why = stop.get("signal")
         if ddp:  # every rank stops at the same step, whichever ranks got the signal
-            flag = torch.tensor([1.0 if stop_now else 0.0], device=device)
+            flag = torch.tensor([STOP_SIGNALS.index(why) + 1 if why else 0], dtype=torch.float32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop_now = flag.item() > 0
+            why = STOP_SIGNALS[int(flag.item()) - 1] if flag.item() > 0 else None
+        stop_now = why is not None
         if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stop_now:
             save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size,
                             args.save_retries, args.save_retry_wait)
         if stop_now and step < args.max_steps:
-            why = stop.get("signal", "a signal on another rank")
             log({"step": step, "stopped": why})
             bar.close()
             log0(f"train_adapt.py: {why}: stopped after step {step} with checkpoint {args.out_dir}/step_{step:06d}; "
@@ -1093,7 +1106,6 @@ def main(argv=None):
             break
     bar.close()
 
-    restore_handlers(previous_handlers)
     if rank == 0 and step >= args.max_steps:
         final = os.path.join(args.out_dir, "final")
         if os.path.islink(final):
