@@ -39,6 +39,13 @@ used; flags given again override them, except those that define the run (FIXED_O
 not change. To extend a finished run, resume with a larger --max_steps (the cosine schedule keeps its
 --lr_decay_steps unless you pass a new one). --overwrite deletes only what train_adapt.py writes
 (step_* folders, latest, final, log.jsonl, args.json) and refuses if --out_dir holds anything else.
+
+Faults: each checkpoint ends with manifest.json (file sizes, checksums of the small files); --resume
+skips a damaged newest checkpoint (saying so) for the newest intact one, and stops, deleting nothing,
+if none is intact. A failed save (disk full) removes its temporary folder and keeps the previous
+checkpoint and `latest` (--save_retries N retries it). SIGTERM, SIGUSR1 (SLURM's warning, sbatch
+--signal=USR1@120) and a first Ctrl-C finish the step, write a checkpoint and exit; all DDP ranks stop
+at the same step.
 """
 import argparse
 import glob
