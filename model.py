@@ -110,7 +110,7 @@ def check_model_folder(path):
     that is truncated or not safetensors. Opens headers only; loads no weights."""
     names = os.listdir(path)
     if not names:
-        raise FileNotFoundError(f"{path}: empty folder (not a model folder)")
+        raise FileNotFoundError(f"{path}: empty folder (no config.json, no weights: not a model folder)")
     for name in sorted(n for n in names if n in JSON_FILES or n.endswith(".safetensors.index.json")):
         try:
             with open(os.path.join(path, name), encoding="utf-8") as f:

@@ -1124,6 +1124,9 @@ def train(argv, stop):
     if run is not None:
         run.finish()
     if ddp:
+        # the DDP wrapper (its reducer holds the process group) goes first, while the group is alive: freed
+        # after destroy_process_group, it can deadlock in gloo's teardown
+        del model
         dist.barrier()
         dist.destroy_process_group()
     return step

@@ -291,7 +291,7 @@ def test_failed_save_retried(setup, tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- SIGTERM mid-run
 
-STEPS = 80
+STEPS = 300   # a tiny step takes a few ms: the signal must come well before the end
 
 
 def signal_args(setup, out):
@@ -309,6 +309,13 @@ def wait_for_step(proc, out, step, deadline=120):
     end = time.time() + deadline
     while proc.poll() is None and time.time() < end and not [s for s in trained_steps(out) if s >= step]:
         time.sleep(0.01)
+
+
+def sigterm_mid_step(pid):
+    """SIGTERM while the process is frozen, so it arrives mid-run however busy the machine is."""
+    os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +344,7 @@ def test_sigterm_single_process(setup, reference, tmp_path):
     proc = subprocess.Popen(cmd + signal_args(setup, out), env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_step(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
+    sigterm_mid_step(proc.pid)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, text[-2000:]
     assert "SIGTERM: stopped after step" in text and "--resume" in text
@@ -365,7 +372,7 @@ def test_sigterm_two_ranks(setup, reference, tmp_path):
     wait_for_step(proc, out, 2)
     ranks = children(proc.pid)
     assert len(ranks) == 2, ranks
-    os.kill(ranks[-1], signal.SIGTERM)
+    sigterm_mid_step(ranks[-1])
     text, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, text[-3000:]
     step = stopped_checkpoint(out)
