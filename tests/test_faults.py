@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, save_tiny_ar
+from conftest import ROOT
 from test_train_adapt import (common, load_weights, read_log, setup, single_process, six_steps,  # noqa: F401 (fixtures)
                               subprocess_env, train_curve)
 
@@ -159,7 +160,6 @@ def tree(path):
 
 @pytest.mark.parametrize("script,flags,pattern", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
 def test_bad_input_one_line(script, flags, pattern, setup, work, capsys):
-    import re
     argv = base_args(script, setup, work) + [f.format(w=work) for f in flags]
     before = tree(work)
     code, err = run_in_process(SCRIPTS[script], argv, capsys)
