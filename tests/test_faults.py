@@ -361,10 +361,10 @@ def children(pid):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc to find the ranks")
-def test_sigterm_two_ranks(setup, reference, tmp_path):
+def test_sigterm_two_ranks(setup, tmp_path):
     """SIGTERM to ONE of two gloo ranks: both stop after the same step, rank 0 writes the checkpoint, and
-    --resume under torchrun continues to the curve of the uninterrupted run (2 ranks = 1 process to 1e-5)."""
-    out = tmp_path / "ddp"
+    --resume under torchrun gives the losses and weights of an uninterrupted 2-rank run, bit for bit."""
+    out, ref = tmp_path / "ddp", tmp_path / "ddp_ref"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_adapt.py")]
     proc = subprocess.Popen(cmd + signal_args(setup, out), env=subprocess_env(), stdout=subprocess.PIPE,
@@ -377,9 +377,9 @@ def test_sigterm_two_ranks(setup, reference, tmp_path):
     assert proc.returncode == 0, text[-3000:]
     step = stopped_checkpoint(out)
     assert os.path.exists(out / f"step_{step:06d}" / "rng_rank1.json")
-    r = subprocess.run(cmd + ["--out_dir", str(out), "--resume"], env=subprocess_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got, ref = train_curve(read_log(out)), train_curve(read_log(reference))
-    assert [g[0] for g in got] == [r[0] for r in ref]
-    for g, r in zip(got, ref):
-        assert g[1:3] == pytest.approx(r[1:3], rel=1e-5) and g[6] == r[6]
+    for args in (["--out_dir", str(out), "--resume"], signal_args(setup, ref)):
+        r = subprocess.run(cmd + args, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert train_curve(read_log(out)) == train_curve(read_log(ref))
+    a, b = load_weights(out / "final"), load_weights(ref / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
