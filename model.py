@@ -132,7 +132,9 @@ def resolve_model_path(name):
     """Map --model_name to something from_pretrained takes: the embedded name, a local folder, or a hub id.
     A local folder is checked first (check_model_folder)."""
     if name == EMBEDDED_MODEL:
-        return embedded_model_path()
+        path = embedded_model_path()
+        check_model_folder(path)
+        return path
     if os.path.isdir(name):
         check_model_folder(name)
         if not os.path.exists(os.path.join(name, "config.json")) and not _diffugpt_file(name):
