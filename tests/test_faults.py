@@ -311,6 +311,23 @@ def wait_for_step(proc, out, step, deadline=120):
         time.sleep(0.01)
 
 
+@pytest.fixture
+def started():
+    """Popen for the signalled runs, in a session of their own: whatever a failing test leaves running is
+    killed with its whole process group."""
+    procs = []
+
+    def popen(cmd):
+        procs.append(subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+        return procs[-1]
+    yield popen
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def sigterm_mid_step(pid):
     """SIGTERM while the process is frozen, so it arrives mid-run however busy the machine is."""
     os.kill(pid, signal.SIGSTOP)
@@ -338,11 +355,10 @@ def stopped_checkpoint(out):
     return step
 
 
-def test_sigterm_single_process(setup, reference, tmp_path):
+def test_sigterm_single_process(setup, reference, tmp_path, started):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train_adapt.py")]
-    proc = subprocess.Popen(cmd + signal_args(setup, out), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = started(cmd + signal_args(setup, out))
     wait_for_step(proc, out, 2)
     sigterm_mid_step(proc.pid)
     text, _ = proc.communicate(timeout=120)
@@ -361,14 +377,13 @@ def children(pid):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc to find the ranks")
-def test_sigterm_two_ranks(setup, tmp_path):
+def test_sigterm_two_ranks(setup, tmp_path, started):
     """SIGTERM to ONE of two gloo ranks: both stop after the same step, rank 0 writes the checkpoint, and
     --resume under torchrun gives the losses and weights of an uninterrupted 2-rank run, bit for bit."""
     out, ref = tmp_path / "ddp", tmp_path / "ddp_ref"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_adapt.py")]
-    proc = subprocess.Popen(cmd + signal_args(setup, out), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = started(cmd + signal_args(setup, out))
     wait_for_step(proc, out, 2)
     ranks = children(proc.pid)
     assert len(ranks) == 2, ranks
