@@ -632,7 +632,8 @@ def run_lm_eval(scorer, tasks, include=None, limit=None, max_gen_toks=256):
 # command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="eval_zeroshot.py", description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model_name", default="smollm2-135m", help="model folder, hub id, or smollm2-135m")
     a("--tasks", default=None, help=f"comma-separated, from: {', '.join(TASKS)}")
@@ -682,16 +683,29 @@ def parse_args(argv=None):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag} must be >= 1, got {v}")
+    for flag in ("mask_token_id", "seed"):
+        v = getattr(args, flag)
+        if v is not None and v < 0:
+            p.error(f"--{flag} must be >= 0, got {v}")
+    if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
+        p.error(f"--lm_eval_include {args.lm_eval_include}: no such folder")
     if not 1 <= args.infill_sentence <= 5:
         p.error(f"--infill_sentence must be in 1..5, got {args.infill_sentence}")
     if args.sampler not in SAMPLERS:
         p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    if args.temperature < 0 or args.logits_temp <= 0 or not 0 < args.topp_temp <= 1 or not 0 < args.threshold <= 1:
-        p.error("--temperature must be >= 0, --logits_temp > 0, --topp_temp and --threshold in (0, 1]")
-    if args.factor is not None and args.factor <= 0:
-        p.error(f"--factor must be > 0, got {args.factor}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if not (math.isfinite(args.logits_temp) and args.logits_temp > 0):
+        p.error(f"--logits_temp must be > 0 and finite, got {args.logits_temp}")
+    for flag in ("topp_temp", "threshold"):
+        if not 0 < getattr(args, flag) <= 1:
+            p.error(f"--{flag} must be in (0, 1], got {getattr(args, flag)}")
+    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 0):
+        p.error(f"--factor must be > 0 and finite, got {args.factor}")
     if args.output and os.path.isdir(args.output):
         p.error(f"--output {args.output} is a folder, not a file")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        p.error(f"--output {args.output}: its folder does not exist")
     if args.output and os.path.exists(args.output) and not is_results_file(args.output):
         p.error(f"--output {args.output} exists and is not a results file of this script: not overwriting it")
     args.error = p.error

@@ -81,11 +81,62 @@ def embedded_model_path():
     return out
 
 
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "adapter_config.json")
+
+
+def check_safetensors(path):
+    """Raise ValueError naming `path` unless it is a whole safetensors file: an 8-byte header length, a JSON
+    header, and exactly the bytes that header describes (a truncated or foreign file fails here)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file, or truncated ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path}: not a safetensors file (its header is not valid)") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise ValueError(f"{path}: truncated or damaged safetensors file ({size} bytes, its header describes "
+                         f"{8 + n + max(ends, default=0)})")
+
+
+def check_model_folder(path):
+    """Raise FileNotFoundError / ValueError, one line naming the file, when a model folder is damaged: empty,
+    a config/tokenizer JSON file that does not parse, an index naming a missing shard, or a safetensors file
+    that is truncated or not safetensors. Opens headers only; loads no weights."""
+    names = os.listdir(path)
+    if not names:
+        raise FileNotFoundError(f"{path}: empty folder (no config.json, no weights: not a model folder)")
+    for name in sorted(n for n in names if n in JSON_FILES or n.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{os.path.join(path, name)}: not valid JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{os.path.join(path, name)}: not a JSON object")
+        if name.endswith(".safetensors.index.json") and isinstance(data.get("weight_map"), dict):
+            shards = set(data["weight_map"].values())
+            for shard in sorted(shards):
+                if not os.path.isfile(os.path.join(path, shard)):
+                    raise FileNotFoundError(f"{os.path.join(path, name)} names {shard}, which is missing")
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        check_safetensors(os.path.join(path, name))
+
+
 def resolve_model_path(name):
-    """Map --model_name to something from_pretrained takes: the embedded name, a local folder, or a hub id."""
+    """Map --model_name to something from_pretrained takes: the embedded name, a local folder, or a hub id.
+    A local folder is checked first (check_model_folder)."""
     if name == EMBEDDED_MODEL:
-        return embedded_model_path()
+        path = embedded_model_path()
+        check_model_folder(path)
+        return path
     if os.path.isdir(name):
+        check_model_folder(name)
         if not os.path.exists(os.path.join(name, "config.json")) and not _diffugpt_file(name):
             raise FileNotFoundError(f"--model_name {name}: folder has no config.json (not a model folder)")
         return name
@@ -236,6 +287,7 @@ class DiscreteDiffusionModel(nn.Module):
         if adapter_path is not None:
             if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
                 raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
+            check_model_folder(adapter_path)
             from peft import PeftModel
             hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
         if getattr(hf.config, "is_causal", True) is not False and not getattr(hf.config, "adapted_from", None):

@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from model import check_model_folder
+
 EXPERT_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<idx>\d+)\.(?P<name>[^.]+)\.weight$")
 MERGED_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<name>[A-Za-z_]\w*)(?:\.weight)?$")
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -49,7 +51,10 @@ def parse_size(s):
     if not m or (m.group(3) and not m.group(2)):
         raise argparse.ArgumentTypeError(f"invalid size {s!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
     power = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    n = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {s!r}: must be at least 1 byte")
+    return n
 
 def natural_key(key):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
@@ -62,14 +67,23 @@ def where(prefix):
 # reading: index / shard discovery, config, lazily opened handles
 
 def discover(folder):
-    """{key: (file, dtype, shape)} from *.safetensors.index.json if present, else from all *.safetensors."""
+    """{key: (file, dtype, shape)} from *.safetensors.index.json if present, else from all *.safetensors.
+    The folder is checked first (model.check_model_folder): a truncated shard, an index or config that is not
+    valid JSON, or an index naming a missing shard stops with one line naming the file."""
     names = os.listdir(folder)
+    try:
+        if names:   # an empty folder gets the message below
+            check_model_folder(folder)
+    except (OSError, ValueError) as e:
+        die(str(e))
     indexes = sorted(n for n in names if n.endswith(".safetensors.index.json"))
     weight_map = None
     if indexes:
         index = "model.safetensors.index.json" if "model.safetensors.index.json" in indexes else indexes[0]
         with open(os.path.join(folder, index)) as f:
-            weight_map = json.load(f)["weight_map"]
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            die(f"{os.path.join(folder, index)}: no weight_map in this index")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(n for n in names if n.endswith(".safetensors"))
@@ -354,7 +368,8 @@ def convert(input_path, output_path, mode, merged_suffix="", max_shard_size="5GB
     return summary
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Merge/split MoE experts between per-expert and stacked layouts.")
+    p = argparse.ArgumentParser(prog="moe_convert.py",
+                                description="Merge/split MoE experts between per-expert and stacked layouts.")
     p.add_argument("--input_path", "--input-path", "-i", required=True, help="checkpoint folder (safetensors)")
     p.add_argument("--output_path", "--output-path", "-o", required=True, help="new folder to write")
     p.add_argument("--mode", "-m", required=True, choices=["merge", "split"])
@@ -366,8 +381,11 @@ def main(argv=None):
     p.add_argument("--verify", action="store_true", help="read the output back and compare bit-exactly")
     p.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
     a = p.parse_args(argv)
-    return convert(a.input_path, a.output_path, a.mode, a.merged_suffix, a.max_shard_size, a.dtype,
-                   a.overwrite, a.verify, not a.no_progress)
+    try:
+        return convert(a.input_path, a.output_path, a.mode, a.merged_suffix, a.max_shard_size, a.dtype,
+                       a.overwrite, a.verify, not a.no_progress)
+    except OSError as e:  # a failing read or write (disk full, permissions); the temporary output is already gone
+        die(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 if __name__ == "__main__":
     main()

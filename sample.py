@@ -15,6 +15,7 @@ checkpoint (folder or hub id), or `smollm2-135m` (the embedded model: an AR mode
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -25,7 +26,8 @@ from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="smollm2-135m", help="model folder, hub id, or smollm2-135m")
     p.add_argument("--base_model_name", default=None, help="config source for a DiffuGPT checkpoint without config.json (e.g. gpt2)")
     p.add_argument("--adapter_path", default=None, help="PEFT LoRA adapter folder, merged into the model")
@@ -61,14 +63,25 @@ def parse_args(argv=None):
     for flag in ("gen_len", "diffusion_steps", "num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if not 0 < args.threshold <= 1:
-        p.error(f"--threshold must be in (0, 1], got {args.threshold}")
-    if args.factor is not None and args.factor <= 0:
-        p.error(f"--factor must be > 0, got {args.factor}")
+    if args.mask_token_id is not None and args.mask_token_id < 0:
+        p.error(f"--mask_token_id must be >= 0, got {args.mask_token_id}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    for flag in ("threshold", "topp_temp"):
+        if not 0 < getattr(args, flag) <= 1:
+            p.error(f"--{flag} must be in (0, 1], got {getattr(args, flag)}")
+    if not (math.isfinite(args.logits_temp) and args.logits_temp > 0):
+        p.error(f"--logits_temp must be > 0 and finite, got {args.logits_temp}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 0):
+        p.error(f"--factor must be > 0 and finite, got {args.factor}")
     if args.block_length is not None and args.block_length < 1:
         p.error(f"--block_length must be >= 1, got {args.block_length}")
     if args.output and os.path.isdir(args.output):
         p.error(f"--output {args.output} is a folder, not a file")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        p.error(f"--output {args.output}: its folder does not exist")
     args.error = p.error
     return args
 
@@ -83,7 +96,7 @@ def main(argv=None):
             adapter_path=args.adapter_path, dtype=dtype, attn_implementation=args.attn_implementation, device=device,
             shift=None if args.shift is None else args.shift == "true")
     except (OSError, ValueError) as e:
-        args.error(str(e))
+        args.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     model.eval()
     tok = model.tokenizer
     if tok is None:

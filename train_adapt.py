@@ -39,6 +39,13 @@ used; flags given again override them, except those that define the run (FIXED_O
 not change. To extend a finished run, resume with a larger --max_steps (the cosine schedule keeps its
 --lr_decay_steps unless you pass a new one). --overwrite deletes only what train_adapt.py writes
 (step_* folders, latest, final, log.jsonl, args.json) and refuses if --out_dir holds anything else.
+
+Faults: each checkpoint ends with manifest.json (file sizes, checksums of the small files); --resume
+skips a damaged newest checkpoint (saying so) for the newest intact one, and stops, deleting nothing,
+if none is intact. A failed save (disk full) removes its temporary folder and keeps the previous
+checkpoint and `latest` (--save_retries N retries it). SIGTERM, SIGUSR1 (SLURM's warning, sbatch
+--signal=USR1@120) and a first Ctrl-C finish the step, write a checkpoint and exit; all DDP ranks stop
+at the same step.
 """
 import argparse
 import glob
@@ -49,6 +56,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -57,8 +65,8 @@ import numpy as np
 import torch
 
 from attention_patch import anneal_ratio, resolve_attn_implementation
-from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, default_device, default_dtype, diffusion_loss,
-                   load_tokenizer, maskable_positions, max_positions, noise_draw, resolve_model_path)
+from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, check_model_folder, default_device, default_dtype,
+                   diffusion_loss, load_tokenizer, maskable_positions, max_positions, noise_draw, resolve_model_path)
 
 SHAKESPEARE = "shakespeare"
 VAL_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole from the demo corpus
@@ -74,6 +82,23 @@ FIXED_ON_RESUME = ("model_name", "data", "text_field", "seq_len", "batch_size", 
 
 def die(msg):
     raise SystemExit(f"train_adapt.py: error: {msg}")
+
+
+def flag_error(msg):
+    """A bad flag: one line on stderr and exit status 2, as argparse's own errors (raised before any loading)."""
+    print(f"train_adapt.py: error: {msg}", file=sys.stderr, flush=True)
+    e = SystemExit(f"train_adapt.py: error: {msg}")
+    e.code = 2
+    raise e
+
+
+def first_line(e):
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def warn0(msg):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train_adapt.py: {msg}", file=sys.stderr, flush=True)
 
 
 def log0(*a):
@@ -92,8 +117,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).",
-                                formatter_class=_Help)
+    p = argparse.ArgumentParser(prog="train_adapt.py", formatter_class=_Help,
+                                description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).")
     a = p.add_argument
     a("--model_name", default=EMBEDDED_MODEL, help="AR model to adapt: a folder, a hub id, or smollm2-135m (embedded)")
     a("--data", default=SHAKESPEARE, help="text/.json/.jsonl/.bin file or a folder of them; 'shakespeare' = embedded corpus")
@@ -122,6 +147,8 @@ def build_parser():
     a("--val_fraction", type=float, default=0.05, help="held-out fraction of the blocks (0 = no validation)")
     a("--save_every", type=int, default=200, help="checkpoint every N steps (0 = only at the end)")
     a("--keep_last", type=int, default=2, help="keep the newest N checkpoints (0 = all)")
+    a("--save_retries", type=int, default=0, help="retry a checkpoint write that failed (disk full, I/O error) N times")
+    a("--save_retry_wait", type=float, default=60.0, help="seconds to wait before each retry of a failed checkpoint write")
     a("--out_dir", default="out/adapt", help="checkpoints and log.jsonl go here")
     a("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
     a("--overwrite", action="store_true", help="replace a previous run in --out_dir (only our own files; refuses if others exist)")
@@ -140,23 +167,36 @@ def explicit_flags(argv):
 
 
 def validate_args(args, world_size):
-    for flag in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches"):
-        if getattr(args, flag) < 1:
-            die(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("warmup_steps", "anneal_steps", "eval_every", "save_every", "keep_last"):
-        if getattr(args, flag) < 0:
-            die(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if args.lr_decay_steps is not None and args.lr_decay_steps < 1:
-        die(f"--lr_decay_steps must be >= 1, got {args.lr_decay_steps}")
+    """Every flag's range, before anything is loaded or written (exit status 2, one line naming the flag)."""
+    for flag in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "lr_decay_steps"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            flag_error(f"--{flag} must be >= 1, got {v}")
+    for flag in ("warmup_steps", "anneal_steps", "eval_every", "save_every", "keep_last", "save_retries",
+                 "mask_token_id"):
+        v = getattr(args, flag, 0)
+        if v is not None and v < 0:
+            flag_error(f"--{flag} must be >= 0, got {v}")
+    for flag, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
+                              ("grad_clip", 0.0, False), ("save_retry_wait", 0.0, False)):
+        v = getattr(args, flag, 0.0)
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            flag_error(f"--{flag} must be {'>' if strict else '>='} {low:g} and finite, got {v}")
+    if args.min_lr > args.lr:
+        flag_error(f"--min_lr {args.min_lr} must not exceed --lr {args.lr}")
     if not 0.0 <= args.val_fraction < 1.0:
-        die(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+        flag_error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.seq_len < 2:
-        die(f"--seq_len must be >= 2, got {args.seq_len}")
+        flag_error(f"--seq_len must be >= 2, got {args.seq_len}")
+    if not 0 <= args.seed < 2**32 - 2**16:
+        flag_error(f"--seed must be in [0, {2**32 - 2**16}), got {args.seed}")
+    if not args.text_field:
+        flag_error("--text_field must not be empty")
     if args.batch_size % world_size:
-        die(f"--batch_size {args.batch_size} is the global batch and must divide over the {world_size} ranks "
-            f"(use a multiple of {world_size})")
+        flag_error(f"--batch_size {args.batch_size} is the global batch and must divide over the {world_size} ranks "
+                   f"(use a multiple of {world_size})")
     if args.resume and args.overwrite:
-        die("--resume and --overwrite exclude each other")
+        flag_error("--resume and --overwrite exclude each other")
 
 
 # -----------------------------------------------------------------------------
@@ -176,19 +216,112 @@ def is_ours(out_dir, name):
     return False
 
 
-def find_checkpoint(out_dir):
-    """The checkpoint to resume from: the one `latest` names, else the newest complete step_* folder."""
+MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = 2   # trainer_state.json "format": from 2 on, every checkpoint has a manifest.json
+
+
+def checkpoints(out_dir):
+    """The checkpoints to resume from, best first: the one `latest` names, then the step_* folders, newest first."""
     if not os.path.isdir(out_dir):
-        return None
-    latest = os.path.join(out_dir, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(out_dir, f.read().strip())
-        if os.path.exists(os.path.join(path, "trainer_state.json")):
+        return []
+    steps = [(int(m.group(1)), n) for n in os.listdir(out_dir)
+             if (m := STEP_RE.match(n)) and os.path.isdir(os.path.join(out_dir, n))]
+    names = [n for _, n in sorted(steps, reverse=True)]
+    try:
+        with open(os.path.join(out_dir, "latest")) as f:
+            first = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        first = None
+    if first in names:
+        names.remove(first)
+        names.insert(0, first)
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def file_checksum(path):
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder):
+    """manifest.json, written last into a checkpoint: every file's size, and a checksum of the small state
+    files (everything but the *.safetensors weights, whose headers and sizes are checked instead)."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            files[name] = {"size": os.path.getsize(path)}
+            if not name.endswith(".safetensors"):
+                files[name]["blake2b"] = file_checksum(path)
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump({"format": CHECKPOINT_FORMAT, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_problem(path):
+    """None when the checkpoint in `path` is whole, else a short line saying what is wrong with it: a file
+    missing or changed against manifest.json, or weights that do not open. A checkpoint without a manifest
+    passes when it predates manifests (its trainer_state.json has no "format") and its files open."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "step" not in state:
+            return "trainer_state.json is not a trainer state"
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json cannot be read ({first_line(e)})"
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                files = json.load(f)["files"]
+            for name, entry in files.items():
+                fp = os.path.join(path, name)
+                if not os.path.isfile(fp):
+                    return f"{name} is missing"
+                if os.path.getsize(fp) != entry["size"]:
+                    return f"{name} has {os.path.getsize(fp)} bytes, the manifest says {entry['size']}"
+                if "blake2b" in entry and file_checksum(fp) != entry["blake2b"]:
+                    return f"{name} does not match its checksum in {MANIFEST}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{MANIFEST} cannot be read ({first_line(e)})"
+    elif state.get("format", 1) >= CHECKPOINT_FORMAT:
+        return f"{MANIFEST} is missing"
+    for name in ("config.json", "optimizer.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    if not any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+        return "model.safetensors is missing"
+    try:
+        check_model_folder(path)
+    except (OSError, ValueError) as e:
+        return str(e).replace(path + os.sep, "")
+    return None
+
+
+def find_checkpoint(out_dir):
+    """The newest intact checkpoint (see checkpoint_problem), saying on one line which ones are damaged.
+    None if there is no checkpoint at all; stops with an error (deleting nothing) if none is intact."""
+    cands = checkpoints(out_dir)
+    damaged = []
+    for path in cands:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if not os.path.exists(os.path.join(path, MANIFEST)):
+                warn0(f"--resume: {path} has no {MANIFEST} (written before checkpoints had one); its files open, "
+                      f"using it")
+            if damaged:
+                warn0(f"--resume: resuming from {path}, the newest intact checkpoint")
             return path
-    steps = sorted((int(m.group(1)), n) for n in os.listdir(out_dir) if (m := STEP_RE.match(n))
-                   and os.path.exists(os.path.join(out_dir, n, "trainer_state.json")))
-    return os.path.join(out_dir, steps[-1][1]) if steps else None
+        warn0(f"--resume: checkpoint {path} is damaged ({problem}); trying the one before it")
+        damaged.append(f"{os.path.basename(path)}: {problem}")
+    if damaged:
+        die(f"--resume: no intact checkpoint in --out_dir {out_dir} ({'; '.join(damaged)}); nothing was deleted")
+    return None
 
 
 def check_out_dir(args):
@@ -231,9 +364,14 @@ def clear_ours(out_dir):
 
 def write_atomic(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def rng_state():
@@ -255,39 +393,68 @@ def set_rng_state(st):
         torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
 
 
-def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world_size):
-    """step_XXXXXX/ written to a temporary folder, then renamed; `latest` updated; old ones pruned.
-    Every rank's RNG state is gathered to rank 0 (no shared file system needed to save)."""
-    import torch.distributed as dist
+def write_checkpoint(out_dir, name, raw, optimizer, state, rngs):
+    """step_XXXXXX/ written into .tmp-step_XXXXXX/ (weights, optimizer, trainer state, RNG states, manifest
+    last), renamed into place, then `latest` updated. On any error the temporary folder is removed and the
+    error raised: the previous checkpoints and `latest` stay as they were."""
     from safetensors.torch import save_file
-    rngs = [rng_state()]
-    if world_size > 1:
-        rngs = [None] * world_size
-        dist.all_gather_object(rngs, rng_state())
-    if rank == 0:
-        name = f"step_{step:06d}"
-        final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         raw.save_pretrained(tmp)
         opt = optimizer.state_dict()
         tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
                    if torch.is_tensor(v)}
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=1)
+            json.dump({**state, "format": CHECKPOINT_FORMAT}, f, indent=1)
         for r, st in enumerate(rngs):
             with open(os.path.join(tmp, f"rng_rank{r}.json"), "w") as f:
                 json.dump(st, f)
-        if os.path.exists(final):
+        write_manifest(tmp)
+        if os.path.exists(final):   # the same step saved before (a damaged checkpoint being redone)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        write_atomic(os.path.join(out_dir, "latest"), name + "\n")
-        if keep_last > 0:
-            steps = sorted(n for n in os.listdir(out_dir) if STEP_RE.match(n) and is_ours(out_dir, n))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic(os.path.join(out_dir, "latest"), name + "\n")
+
+
+def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world_size, retries=0, retry_wait=60.0):
+    """Rank 0 writes the checkpoint (write_checkpoint), retrying a failed write `retries` times after
+    `retry_wait` seconds, then prunes to the newest `keep_last`. Every rank's RNG state is gathered to rank 0
+    (no shared file system needed to save). If the write still fails, every rank stops with one line."""
+    import torch.distributed as dist
+    from safetensors import SafetensorError
+    rngs = [rng_state()]
+    if world_size > 1:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_state())
+    name, err = f"step_{step:06d}", None
+    if rank == 0:
+        for attempt in range(retries + 1):
+            try:
+                write_checkpoint(out_dir, name, raw, optimizer, state, rngs)
+                err = None
+                break
+            except (OSError, SafetensorError) as e:
+                err = f"saving checkpoint {name} in {out_dir} failed: {first_line(e)}"
+                if attempt < retries:
+                    warn0(f"{err}; retrying in {retry_wait:g} s ({retries - attempt} retr{'y' if retries - attempt == 1 else 'ies'} left)")
+                    time.sleep(retry_wait)
+        if err is None and keep_last > 0:
+            # newer step folders (a damaged checkpoint the run resumed before) are left until this run redoes them
+            steps = sorted(n for n in os.listdir(out_dir) if (m := STEP_RE.match(n)) and is_ours(out_dir, n)
+                           and int(m.group(1)) <= step)
             for old in steps[:-keep_last]:
                 shutil.rmtree(os.path.join(out_dir, old))
     if world_size > 1:
-        dist.barrier()
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        die(f"{err}; the previous checkpoint and `latest` are unchanged")
 
 
 def load_optimizer(optimizer, ckpt):
@@ -338,6 +505,11 @@ def list_data_files(data):
     for f in files:
         if not f.endswith(TEXT_EXTS + JSON_EXTS + (".bin",)):
             die(f"--data {f}: unknown format (expected .txt, .md, .text, .json, .jsonl or .bin)")
+        try:   # every file readable before anything is written to the token cache
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            die(f"--data {f}: cannot be read ({e.strerror or e})")
     return ("bin" if bins else "text"), files
 
 
@@ -626,9 +798,54 @@ def get_lr(step, args):
 
 
 # -----------------------------------------------------------------------------
+# preemption: SIGTERM, SIGUSR1 (SLURM's warning before the time limit: sbatch --signal) and a first Ctrl-C
+# finish the current step, write a checkpoint and exit; a second Ctrl-C stops at once
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def install_stop_handlers(stop):
+    """Handlers that record the signal in `stop` (the loop checks it at each step boundary). Returns the
+    previous handlers, for restore_handlers. Only the main thread can install them; elsewhere nothing changes."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and "signal" in stop and time.monotonic() - stop["at"] > 1.0:
+            raise KeyboardInterrupt  # the second Ctrl-C (torchrun's copy of the first one comes within a second)
+        if "signal" not in stop:
+            stop.update(signal=name, at=time.monotonic())
+            log0(f"train_adapt.py: {name}: finishing step, then writing a checkpoint and stopping"
+                 + (" (Ctrl-C again to stop at once)" if name == "SIGINT" else ""))
+    previous = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def restore_handlers(previous):
+    for sig, h in previous.items():
+        signal.signal(sig, h if h is not None else signal.SIG_DFL)
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """Train (see the top of this file); returns the step reached. SIGTERM, SIGUSR1 and a first Ctrl-C stop the
+    run at the next step boundary with a checkpoint (install_stop_handlers); the handlers are undone at the end."""
+    stop = {}
+    previous = install_stop_handlers(stop)
+    try:
+        return train(sys.argv[1:] if argv is None else argv, stop)
+    finally:
+        restore_handlers(previous)
+
+
+def train(argv, stop):
     args = build_parser().parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -685,7 +902,7 @@ def main(argv=None):
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(base_path)
     except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {e}")
+        die(f"--model_name {args.model_name}: {first_line(e)}")
     limit = max_positions(config)
     if limit is not None and args.seq_len > limit:
         die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
@@ -695,9 +912,12 @@ def main(argv=None):
     tok.model_max_length = int(1e30)  # we tokenise whole documents, then pack
 
     # data (one tokenising process per node; the others wait for its cache)
-    train_blocks, val_blocks, dinfo = prepare_data(args.data, tok, args.text_field, args.seq_len, args.val_fraction,
-                                                   token_cache_root(args.out_dir), writer=local_rank == 0,
-                                                   show=rank == 0)
+    try:
+        train_blocks, val_blocks, dinfo = prepare_data(args.data, tok, args.text_field, args.seq_len, args.val_fraction,
+                                                       token_cache_root(args.out_dir), writer=local_rank == 0,
+                                                       show=rank == 0)
+    except OSError as e:   # a file that cannot be read (permissions, I/O error), or a token cache that cannot be written
+        die(f"--data {args.data}: {first_line(e)}")
     log0(f"data: {dinfo.get('n_tokens')} tokens, {len(train_blocks)} train / {len(val_blocks) if val_blocks else 0} "
          f"val blocks of {args.seq_len}" + (f" (cache {dinfo['cache']})" if "cache" in dinfo else ""))
 
@@ -726,7 +946,7 @@ def main(argv=None):
             raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, shift=args.shift,
                                                          dtype=weight_dtype, attn_implementation=attn, device=device)
     except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {e}")
+        die(f"--model_name {args.model_name}: {first_line(e)}")
     mask_id = raw.mask_token_id
     raw.train()
     if args.grad_checkpointing:
@@ -879,8 +1099,25 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-", lr=f"{lr:.1e}",
                         ratio=f"{ratio:.2f}", refresh=False)
-        if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
-            save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size)
+        why = stop.get("signal")
+        if ddp:  # every rank stops at the same step, whichever ranks got the signal
+            flag = torch.tensor([STOP_SIGNALS.index(why) + 1 if why else 0], dtype=torch.float32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            why = STOP_SIGNALS[int(flag.item()) - 1] if flag.item() > 0 else None
+        stop_now = why is not None
+        if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stop_now:
+            try:
+                save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size,
+                                args.save_retries, args.save_retry_wait)
+            except SystemExit:
+                bar.close()   # the error line comes last
+                raise
+        if stop_now and step < args.max_steps:
+            log({"step": step, "stopped": why})
+            bar.close()
+            log0(f"train_adapt.py: {why}: stopped after step {step} with checkpoint {args.out_dir}/step_{step:06d}; "
+                 f"continue with: python train_adapt.py --out_dir {args.out_dir} --resume")
+            break
     bar.close()
 
     if rank == 0 and step >= args.max_steps:
@@ -894,10 +1131,18 @@ def main(argv=None):
     if run is not None:
         run.finish()
     if ddp:
+        # the DDP wrapper (its reducer holds the process group) goes first, while the group is alive: freed
+        # after destroy_process_group, it can deadlock in gloo's teardown
+        del model
         dist.barrier()
         dist.destroy_process_group()
     return step
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("train_adapt.py: interrupted (no checkpoint for the current step; --resume continues from the last one)",
+              file=sys.stderr, flush=True)
+        sys.exit(130)

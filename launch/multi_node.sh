@@ -19,6 +19,17 @@
 # readable on every node (each node's local rank 0 tokenises into the token cache it sees); --out_dir
 # on a shared file system if you want to --resume (rank 0 writes the checkpoints, every rank reads
 # them back). --batch_size is global: a multiple of NNODES x GPUS_PER_NODE.
+#
+# Preemption and time limits (SLURM): put this line in the batch script (or pass it to sbatch)
+#   #SBATCH --signal=USR1@120
+# SLURM then sends SIGUSR1 120 s before the time limit to every process of the job's steps: the srun
+# step below, its bash, torchrun and the training ranks. train_adapt.py catches it on every rank,
+# finishes the current step, writes a checkpoint and exits 0; the next job continues it with --resume
+# (same --out_dir). Here bash and torchrun ignore USR1 (trap '' USR1, inherited by torchrun), so only the
+# training processes act on it: without that, torchrun would die of the signal. Not "B:USR1@120": with B:
+# only the batch shell is signalled, and it does not pass the signal on to the ranks. 120 s must cover
+# one training step and one checkpoint write; SIGTERM works too, but after SIGTERM SLURM (KillWait) and
+# torchrun each give the processes only about 30 s before SIGKILL.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SCRIPT="${SCRIPT:-train_adapt.py}"
@@ -48,7 +59,7 @@ echo "multi_node.sh: $NNODES node(s) x $GPUS_PER_NODE process(es), master $MASTE
 
 if [ "$MODE" = slurm ]; then
   # one task per node; SLURM_NODEID is that node's rank
-  CMD="cd $(printf '%q' "$ROOT") && export MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES NODE_RANK=\$SLURM_NODEID && $TORCHRUN --node_rank=\$SLURM_NODEID $SCRIPT $ARGS"
+  CMD="trap \"\" USR1; cd $(printf '%q' "$ROOT") && export MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES NODE_RANK=\$SLURM_NODEID && $TORCHRUN --node_rank=\$SLURM_NODEID $SCRIPT $ARGS"
   if [ "${DRY_RUN:-0}" = 1 ]; then echo "srun --nodes=$NNODES --ntasks=$NNODES --ntasks-per-node=1 bash -c '$CMD'"; exit 0; fi
   exec srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 bash -c "$CMD"
 fi
@@ -56,7 +67,7 @@ fi
 pids=()
 for i in "${!NODES[@]}"; do
   node="${NODES[$i]}"
-  CMD="cd $(printf '%q' "$ROOT") && ${REMOTE_SETUP:-true} && export MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES NODE_RANK=$i && $TORCHRUN --node_rank=$i $SCRIPT $ARGS"
+  CMD="trap \"\" USR1; cd $(printf '%q' "$ROOT") && ${REMOTE_SETUP:-true} && export MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES NODE_RANK=$i && $TORCHRUN --node_rank=$i $SCRIPT $ARGS"
   if [ "${DRY_RUN:-0}" = 1 ]; then echo "ssh $node \"$CMD\""; continue; fi
   ssh -o BatchMode=yes "$node" "$CMD" < /dev/null &
   pids+=($!)
