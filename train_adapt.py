@@ -726,7 +726,7 @@ def prepare_data(data, tok, text_field, seq_len, val_fraction, cache_root, write
         info["n_tokens"] = sum(len(a) for a in arrays["all"])
     else:
         if tok.eos_token_id is None:
-            die(f"--model_name: the tokenizer has no EOS token to join documents with")
+            die("--model_name: the tokenizer has no EOS token to join documents with")
         if writer:
             os.makedirs(cache_root, exist_ok=True)
         manifest_path = os.path.join(cache_root, "file_digests.json")
@@ -764,7 +764,7 @@ def prepare_data(data, tok, text_field, seq_len, val_fraction, cache_root, write
         for part, pm in meta["parts"].items():
             if pm["n_tokens"] == 0:
                 if part == "val":
-                    die(f"--data: the held-out plays hold no text")
+                    die("--data: the held-out plays hold no text")
                 die(f"--data {data}: no text found (empty corpus)")
             arrays[part] = [np.memmap(os.path.join(folder, f"{part}.bin"), dtype=meta["dtype"], mode="r")]
         info.update(cache=folder, n_tokens=sum(pm["n_tokens"] for pm in meta["parts"].values()),
