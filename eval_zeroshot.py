@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention_patch import resolve_attn_implementation
-from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, default_device, default_dtype,
-                   elbo_loglik, layout_rows, load_tokenizer, max_positions, pad_token_id, resolve_model_path, sample,
-                   start_token_id)
+from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, check_output_file, check_sampler_args,
+                   default_device, default_dtype, elbo_loglik, first_line, layout_rows, load_tokenizer, max_positions,
+                   pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
 TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "rocstories", "triviaqa", "gsm8k")
 # --data_dir DIR reads DIR/<name>.<ext>, the first name and extension found
@@ -118,7 +118,7 @@ def load_task_records(task, data_path=None, data_dir=None, download=False):
         name, config, split = HF_SOURCES[task]
         return [dict(r) for r in datasets.load_dataset(name, config, split=split)], f"hf:{name}"
     except Exception as e:  # no package, no network, or no such copy
-        raise EvalError(f"{where}, and --download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        raise EvalError(f"{where}, and --download failed ({type(e).__name__}: {first_line(e)[:200]}): "
                         f"pass --data_path FILE or --data_dir DIR holding {wanted}")
 
 
@@ -353,13 +353,9 @@ class Scorer:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + crc) % (2 ** 63))
 
     def _pad(self, seqs):
-        L = max(map(len, seqs))
-        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for b, s in enumerate(seqs):
-            ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
-            att[b, L - len(s):] = 1
-        return ids.to(self.device), att.to(self.device)
+        """Left-padded ids and attention mask on the model's device."""
+        batch = layout_rows([(q, 0, []) for q in seqs], self.pad, self.pad)
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     # -- likelihood ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -381,8 +377,7 @@ class Scorer:
             for b, i in enumerate(idx):
                 tm[b, L - len(pairs[i][1]):] = True
             if self.ar:
-                pos = (att.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids, attention_mask=att, position_ids=pos).logits.float()
+                logits = self.model(input_ids=ids, attention_mask=att, position_ids=positions_from_mask(att)).logits.float()
                 logp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
                 hit = logits[:, :-1].argmax(-1) == ids[:, 1:]
                 ll = (logp * tm[:, 1:]).sum(1).double().tolist()
@@ -679,7 +674,7 @@ def parse_args(argv=None):
         p.error(f"--data_path {args.data_path}: no such file")
     if args.data_dir and not os.path.isdir(args.data_dir):
         p.error(f"--data_dir {args.data_dir}: no such folder")
-    for flag in ("limit", "batch_size", "mc_num", "diffusion_steps", "block_length", "gen_len"):
+    for flag in ("limit", "batch_size", "mc_num", "gen_len"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag} must be >= 1, got {v}")
@@ -691,21 +686,9 @@ def parse_args(argv=None):
         p.error(f"--lm_eval_include {args.lm_eval_include}: no such folder")
     if not 1 <= args.infill_sentence <= 5:
         p.error(f"--infill_sentence must be in 1..5, got {args.infill_sentence}")
-    if args.sampler not in SAMPLERS:
-        p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        p.error(f"--temperature must be >= 0 and finite, got {args.temperature}")
-    if not (math.isfinite(args.logits_temp) and args.logits_temp > 0):
-        p.error(f"--logits_temp must be > 0 and finite, got {args.logits_temp}")
-    for flag in ("topp_temp", "threshold"):
-        if not 0 < getattr(args, flag) <= 1:
-            p.error(f"--{flag} must be in (0, 1], got {getattr(args, flag)}")
-    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 0):
-        p.error(f"--factor must be > 0 and finite, got {args.factor}")
-    if args.output and os.path.isdir(args.output):
-        p.error(f"--output {args.output} is a folder, not a file")
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        p.error(f"--output {args.output}: its folder does not exist")
+    check_sampler_args(args, p.error)
+    if args.output:
+        check_output_file(args.output, p.error)
     if args.output and os.path.exists(args.output) and not is_results_file(args.output):
         p.error(f"--output {args.output} exists and is not a results file of this script: not overwriting it")
     args.error = p.error
@@ -765,7 +748,7 @@ def main(argv=None):
                         table.append((task, name, v, se if isinstance(se, (int, float)) else None,
                                       res.get("n-samples", {}).get(task, {}).get("effective", 0)))
     except (EvalError, OSError, ValueError) as e:
-        args.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        args.error(first_line(e))
     print(f"{'AR' if args.ar else 'diffusion'}: {scorer.model_name}")
     print_table(table)
     if args.output:

@@ -36,6 +36,43 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 # -----------------------------------------------------------------------------
+# command-line helpers shared by the scripts
+
+def first_line(e):
+    """An exception as one line (the scripts' errors are one line)."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def check_output_file(path, error):
+    """--output must be a file in an existing folder."""
+    if os.path.isdir(path):
+        error(f"--output {path} is a folder, not a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        error(f"--output {path}: its folder does not exist")
+
+
+def check_sampler_args(args, error):
+    """The sampler flags sample.py and eval_zeroshot.py share, checked before any model loads."""
+    if args.sampler not in SAMPLERS:
+        error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if getattr(args, "cache", "none") != "none" and args.sampler == "diffullama":
+        error("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
+    for flag in ("diffusion_steps", "block_length"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            error(f"--{flag} must be >= 1, got {v}")
+    for flag in ("threshold", "topp_temp"):
+        if not 0 < getattr(args, flag) <= 1:
+            error(f"--{flag} must be in (0, 1], got {getattr(args, flag)}")
+    if not (math.isfinite(args.logits_temp) and args.logits_temp > 0):
+        error(f"--logits_temp must be > 0 and finite, got {args.logits_temp}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        error(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 0):
+        error(f"--factor must be > 0 and finite, got {args.factor}")
+
+
+# -----------------------------------------------------------------------------
 # loading helpers
 
 def default_device():
@@ -116,7 +153,7 @@ def check_model_folder(path):
             with open(os.path.join(path, name), encoding="utf-8") as f:
                 data = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{os.path.join(path, name)}: not valid JSON ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{os.path.join(path, name)}: not valid JSON ({first_line(e)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{os.path.join(path, name)}: not a JSON object")
         if name.endswith(".safetensors.index.json") and isinstance(data.get("weight_map"), dict):
@@ -236,6 +273,11 @@ def resolve_mask_token(model, tokenizer, mask_token_id=None):
     return new_id
 
 
+def positions_from_mask(attention_mask):
+    """Position ids that follow the real tokens of a left-padded batch (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -279,7 +321,7 @@ class DiscreteDiffusionModel(nn.Module):
                 hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
             except OSError as e:
                 raise FileNotFoundError(f"--model_name {name_or_path}: not a local folder, and the hub did not "
-                                        f"provide it: {str(e).splitlines()[0]}") from e
+                                        f"provide it: {first_line(e)}") from e
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
             if tokenizer is None and base_model_name:
@@ -317,9 +359,7 @@ class DiscreteDiffusionModel(nn.Module):
         With target_mask [B, L] (bool): only the logits that predict those positions, [N, V] in row-major
         order. Training uses this: the LM head runs on masked positions only."""
         B, L = input_ids.shape
-        position_ids = None
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = None if attention_mask is None else positions_from_mask(attention_mask)
         if attn_mask_ratio < 1.0:
             attention_mask = anneal_attention_mask(L, attn_mask_ratio, attention_mask, B, self.config._attn_implementation,
                                                    self.dtype, input_ids.device, generator)
@@ -439,9 +479,8 @@ def elbo_loglik(model, input_ids, target_mask, attention_mask=None, mc_num=64, g
     0). `generator` is one torch.Generator, or a list with one per row: then a row's estimate does not
     depend on the other rows of the batch. `batch_size` sequences go through the model at a time."""
     target_mask = target_mask.bool()
-    if attention_mask is not None:
-        if (target_mask & ~attention_mask.bool()).any():
-            raise ValueError("target_mask marks padding positions")
+    if attention_mask is not None and (target_mask & ~attention_mask.bool()).any():
+        raise ValueError("target_mask marks padding positions")
     if model.shift and target_mask[:, 0].any():
         raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
     B, L = input_ids.shape
@@ -599,7 +638,7 @@ def refresh_cache(model, x, att, block, mode, positions):
     B, L = x.shape
     cols = block.any(0).nonzero().squeeze(1)
     ws, we = int(cols[0]) - int(model.shift), (int(cols[-1]) + 1 if mode == "dual" else L)
-    pos = (att.long().cumsum(-1) - 1).clamp(min=0) if att is not None else torch.arange(L, device=x.device).expand(B, L)
+    pos = positions_from_mask(att) if att is not None else torch.arange(L, device=x.device).expand(B, L)
     out = model.model.get_decoder()(input_ids=x, attention_mask=att, position_ids=pos, use_cache=True, is_causal=False)
     keep = torch.cat([torch.arange(ws, device=x.device), torch.arange(we, L, device=x.device)])
     cache = DynamicCache(ddp_cache_data=[(layer.keys[:, :, keep], layer.values[:, :, keep])
@@ -618,7 +657,10 @@ def cached_step_logits(model, x, positions, state):
     return _head(model, out.last_hidden_state, positions, ws)
 
 
-def eos_id(model):
+def eos_id(model, eos_token_id=None):
+    """The EOS id --stop_at_eos stops at: `eos_token_id` if given, else the tokenizer's, else the config's."""
+    if eos_token_id is not None:
+        return int(eos_token_id)
     tok = model.tokenizer
     eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else model.config.eos_token_id
     if isinstance(eos, (list, tuple)):
@@ -655,7 +697,7 @@ def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffu
     if diffusion_steps < 1:
         raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
-    todo, eos = still.clone(), (eos_token_id if eos_token_id is not None else eos_id(model)) if stop_at_eos else None
+    todo, eos = still.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     for t in range(diffusion_steps, 0, -1):
         reveal = still & (torch.rand(x.shape, device=x.device, generator=generator) < 1.0 / t)
         if reveal.any():
@@ -720,7 +762,7 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     if steps < n_blocks:
         raise ValueError(f"--diffusion_steps ({steps}) must be at least the number of blocks ({n_blocks} = gen_len / --block_length)")
     block_steps = transfer_schedule(torch.tensor([steps]), n_blocks)[0].tolist()
-    pending, eos = todo.clone(), (eos_token_id if eos_token_id is not None else eos_id(model)) if stop_at_eos else None
+    pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     step = 0
     for blk in range(n_blocks):
         still = (block_of == blk) & pending                # masked positions of the current block

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model import check_model_folder
+from model import check_model_folder, first_line
 
 EXPERT_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<idx>\d+)\.(?P<name>[^.]+)\.weight$")
 MERGED_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<name>[A-Za-z_]\w*)(?:\.weight)?$")
@@ -385,7 +385,7 @@ def main(argv=None):
         return convert(a.input_path, a.output_path, a.mode, a.merged_suffix, a.max_shard_size, a.dtype,
                        a.overwrite, a.verify, not a.no_progress)
     except OSError as e:  # a failing read or write (disk full, permissions); the temporary output is already gone
-        die(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        die(first_line(e))
 
 if __name__ == "__main__":
     main()

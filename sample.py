@@ -15,14 +15,12 @@ checkpoint (folder or hub id), or `smollm2-135m` (the embedded model: an AR mode
 """
 import argparse
 import json
-import math
-import os
 import sys
 
 import torch
 
-from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, default_device, default_dtype,
-                   max_positions, sample)
+from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, check_output_file,
+                   check_sampler_args, default_device, default_dtype, first_line, max_positions, sample)
 
 
 def parse_args(argv=None):
@@ -56,32 +54,16 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true", help="show the denoising step by step")
     p.add_argument("--output", default=None, help="append the samples to this JSON-lines file")
     args = p.parse_args(argv)
-    if args.sampler not in SAMPLERS:
-        p.error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    if args.cache != "none" and args.sampler == "diffullama":
-        p.error("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
-    for flag in ("gen_len", "diffusion_steps", "num_samples", "batch_size"):
+    check_sampler_args(args, p.error)
+    for flag in ("gen_len", "num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.mask_token_id is not None and args.mask_token_id < 0:
         p.error(f"--mask_token_id must be >= 0, got {args.mask_token_id}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
-    for flag in ("threshold", "topp_temp"):
-        if not 0 < getattr(args, flag) <= 1:
-            p.error(f"--{flag} must be in (0, 1], got {getattr(args, flag)}")
-    if not (math.isfinite(args.logits_temp) and args.logits_temp > 0):
-        p.error(f"--logits_temp must be > 0 and finite, got {args.logits_temp}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        p.error(f"--temperature must be >= 0 and finite, got {args.temperature}")
-    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 0):
-        p.error(f"--factor must be > 0 and finite, got {args.factor}")
-    if args.block_length is not None and args.block_length < 1:
-        p.error(f"--block_length must be >= 1, got {args.block_length}")
-    if args.output and os.path.isdir(args.output):
-        p.error(f"--output {args.output} is a folder, not a file")
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        p.error(f"--output {args.output}: its folder does not exist")
+    if args.output:
+        check_output_file(args.output, p.error)
     args.error = p.error
     return args
 
@@ -96,7 +78,7 @@ def main(argv=None):
             adapter_path=args.adapter_path, dtype=dtype, attn_implementation=args.attn_implementation, device=device,
             shift=None if args.shift is None else args.shift == "true")
     except (OSError, ValueError) as e:
-        args.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        args.error(first_line(e))
     model.eval()
     tok = model.tokenizer
     if tok is None:
@@ -123,10 +105,7 @@ def main(argv=None):
             text = tok.decode(x[0][att[0].bool()].tolist()).replace(mask_text, "[MASK]")
             print(f"step {step:4d}: {text}", flush=True)
 
-        out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
-                     args.block_length, args.temperature, args.threshold, args.factor, args.cache, args.stop_at_eos, generator=g,
-                     callback=show if args.verbose else None)
-        out = out.cpu()
+        out = run_sampler(model, batch, args, g, args.stop_at_eos, show if args.verbose else None).cpu()
         for b, prompt in enumerate(chunk):
             gen = ~batch["src_mask"][b] & att[b].bool()
             results.append({"prompt": prompt, "suffix": args.suffix,
@@ -142,6 +121,12 @@ def main(argv=None):
             for r in results:
                 f.write(json.dumps(r) + "\n")
     return results
+
+
+def run_sampler(model, batch, args, g, stop_at_eos, callback=None):
+    """model.sample with the sampler flags of the command line."""
+    return sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp, args.block_length,
+                  args.temperature, args.threshold, args.factor, args.cache, stop_at_eos, generator=g, callback=callback)
 
 
 def chat(model, args, g, stdin=None):
@@ -168,8 +153,7 @@ def chat(model, args, g, stdin=None):
             print(f"sample.py: {e}; start again with a shorter message", flush=True)
             messages = []
             continue
-        out = sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp,
-                     args.block_length, args.temperature, args.threshold, args.factor, args.cache, True, generator=g)
+        out = run_sampler(model, batch, args, g, stop_at_eos=True)
         gen = ~batch["src_mask"][0] & batch["attention_mask"][0].bool()
         reply = tok.decode(out[0].cpu()[gen], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": reply})

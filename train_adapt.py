@@ -66,7 +66,8 @@ import torch
 
 from attention_patch import anneal_ratio, resolve_attn_implementation
 from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, check_model_folder, default_device, default_dtype,
-                   diffusion_loss, load_tokenizer, maskable_positions, max_positions, noise_draw, resolve_model_path)
+                   diffusion_loss, first_line, load_tokenizer, maskable_positions, max_positions, noise_draw,
+                   resolve_model_path)
 
 SHAKESPEARE = "shakespeare"
 VAL_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole from the demo corpus
@@ -90,10 +91,6 @@ def flag_error(msg):
     e = SystemExit(f"train_adapt.py: error: {msg}")
     e.code = 2
     raise e
-
-
-def first_line(e):
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def warn0(msg):
