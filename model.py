@@ -119,7 +119,7 @@ def embedded_model_path():
 
 
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "vocab.json", "adapter_config.json")
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "adapter_config.json", "dlm_config.json")
 
 
 def check_safetensors(path):
@@ -278,6 +278,29 @@ def positions_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+ADAPTER_EXTRA = "dlm_config.json"   # beside a train_sft.py adapter: the settings it was trained with
+
+
+def merge_adapter(hf, adapter_path, shift=None):
+    """Merge a PEFT LoRA adapter folder into the transformers model (its modules_to_save, e.g. embed_tokens,
+    replace the model's). An adapter saved by train_sft.py also carries dlm_config.json (shift, block_size),
+    which is applied unless `shift` is given. Returns (merged model, shift)."""
+    if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
+        raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
+    check_model_folder(adapter_path)
+    from peft import PeftModel
+    hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
+    extra = os.path.join(adapter_path, ADAPTER_EXTRA)
+    if os.path.exists(extra):
+        with open(extra) as f:
+            settings = json.load(f)
+        if settings.get("block_size"):
+            hf.config.block_size = settings["block_size"]
+        if shift is None and "shift" in settings:
+            shift = settings["shift"]
+    return hf, shift
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -326,12 +349,6 @@ class DiscreteDiffusionModel(nn.Module):
             tokenizer = load_tokenizer(path)
             if tokenizer is None and base_model_name:
                 tokenizer = load_tokenizer(base_model_name)
-        if adapter_path is not None:
-            if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
-                raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
-            check_model_folder(adapter_path)
-            from peft import PeftModel
-            hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
         if getattr(hf.config, "is_causal", True) is not False and not getattr(hf.config, "adapted_from", None):
             # a causal LM about to become a diffusion LM: remember its parent (eval_zeroshot.py --ar scores it)
             from_diffugpt = os.path.isdir(path) and _diffugpt_file(path)
@@ -342,6 +359,8 @@ class DiscreteDiffusionModel(nn.Module):
         if mask_token_id is None:
             mask_token_id = getattr(hf.config, "mask_token_id", None)
         mask_token_id = resolve_mask_token(hf, tokenizer, mask_token_id)
+        if adapter_path is not None:   # after the [MASK] row exists: an adapter may have trained the embeddings
+            hf, shift = merge_adapter(hf, adapter_path, shift)
         if shift is None:
             shift = getattr(hf.config, "shift", True)
         return cls(hf, mask_token_id, shift, tokenizer).to(device)
@@ -352,12 +371,18 @@ class DiscreteDiffusionModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
-    def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None):
+    def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None,
+                block_size=None):
         """Logits under bidirectional attention (or annealed: causal OR Bernoulli(attn_mask_ratio)).
         attention_mask [B, L]: 1 = real token (left padding allowed; positions follow the real tokens).
         Without target_mask: raw logits [B, L, V] (with shift, row i predicts token i+1).
         With target_mask [B, L] (bool): only the logits that predict those positions, [N, V] in row-major
-        order. Training uses this: the LM head runs on masked positions only."""
+        order. Training uses this: the LM head runs on masked positions only.
+        block_size B (block-diffusion training): input_ids is [noisy ; clean] ([B, 2L], see block_inputs),
+        run under block_diffusion_mask with the positions repeated; attention_mask and target_mask are
+        [B, L] and the logits are those of the noisy half only."""
+        if block_size is not None:
+            return self._block_forward(input_ids, attention_mask, target_mask, block_size)
         B, L = input_ids.shape
         position_ids = None if attention_mask is None else positions_from_mask(attention_mask)
         if attn_mask_ratio < 1.0:
@@ -365,6 +390,28 @@ class DiscreteDiffusionModel(nn.Module):
                                                    self.dtype, input_ids.device, generator)
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                           use_cache=False, is_causal=False).last_hidden_state
+        if target_mask is not None:
+            if self.shift and target_mask[:, 0].any():
+                raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
+            hidden = hidden[:, :-1][target_mask[:, 1:]] if self.shift else hidden[target_mask]
+        return self.model.get_output_embeddings()(hidden)
+
+    def _block_forward(self, input_ids, attention_mask, target_mask, block_size):
+        B, L2 = input_ids.shape
+        L = L2 // 2
+        if L2 != 2 * L or L < 1:
+            raise ValueError(f"block-diffusion input must be [noisy ; clean] (an even length), got length {L2}")
+        att = torch.ones(B, L, dtype=torch.long, device=input_ids.device) if attention_mask is None else attention_mask
+        positions = positions_from_mask(att).repeat(1, 2)
+        mask = block_diffusion_mask(L, block_size, self.shift, input_ids.device)[None, None].expand(B, 1, L2, L2)
+        eye = torch.eye(L2, dtype=torch.bool, device=input_ids.device)
+        mask = (mask & att.bool().repeat(1, 2)[:, None, None, :]) | eye     # padded keys hidden, no empty row
+        if self.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(~mask, torch.finfo(self.dtype).min)
+        elif self.config._attn_implementation == "flash_attention_2":
+            raise ValueError("block-diffusion training needs a 4D mask: use --attn_implementation sdpa or eager")
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                          use_cache=False, is_causal=False).last_hidden_state[:, :L]
         if target_mask is not None:
             if self.shift and target_mask[:, 0].any():
                 raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
@@ -412,17 +459,55 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
     return input_ids.masked_fill(masked, mask_token_id), masked, t
 
 
-def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None):
+def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
+                   answer_length=None, block_size=None):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
     also the unweighted mean CE. `model` may be wrapped in DDP (its forward is called). Returns
-    (loss, unweighted_loss, n_masked)."""
+    (loss, unweighted_loss, n_masked).
+    answer_length [B] (LLaDA's SFT normalisation): each masked token weighs 1 / (t * answer_length of its
+    row) and the sum is divided by the number of rows instead.
+    block_size: block-diffusion training, xt is the [noisy ; clean] input of block_inputs (see forward)."""
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
-                   target_mask=masked)
+                   target_mask=masked, block_size=block_size)
     ce = F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
-    weight = (1.0 / t)[:, None].expand_as(masked)[masked]
+    per_row = 1.0 / t if answer_length is None else 1.0 / (t * answer_length)
+    weight = per_row[:, None].expand_as(masked)[masked]
     n = masked.sum()
     denom = n.clamp(min=1)
-    return (ce * weight).sum() / denom, ce.sum() / denom, n
+    loss_denom = denom if answer_length is None else masked.shape[0]
+    return (ce * weight).sum() / loss_denom, ce.sum() / denom, n
+
+
+# -----------------------------------------------------------------------------
+# block diffusion (dFactory / LLaDA2.0 SFT, and its sampler generate_block)
+
+def block_diffusion_mask(L, block_size, shift=False, device=None):
+    """The [2L, 2L] bool attention mask (True = attend) of block-diffusion training on [noisy ; clean].
+    Tokens are cut into blocks of `block_size` by position (block(p) = p // block_size). Without shift a
+    noisy token of block k sees the noisy tokens of block k and the clean tokens of blocks < k; a clean
+    token of block k sees the clean tokens of blocks <= k (block-causal); clean never sees noisy.
+    With shift the output at column c predicts token c + 1, so the noisy columns are grouped by the
+    block of the token they predict: segment(c) = (c + 1) // block_size, and a noisy column of segment
+    k sees the noisy columns of segment k and the clean tokens of blocks < k."""
+    if block_size < 1:
+        raise ValueError(f"--block_size must be >= 1, got {block_size}")
+    idx = torch.arange(L, device=device)
+    clean_blk = idx // block_size
+    noisy_seg = (idx + int(shift)) // block_size
+    top = torch.cat([noisy_seg[:, None] == noisy_seg[None, :], clean_blk[None, :] < noisy_seg[:, None]], dim=1)
+    bottom = torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), clean_blk[None, :] <= clean_blk[:, None]], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def block_inputs(input_ids, xt, block_size, shift=False):
+    """The block-diffusion training input [noisy ; clean] ([B, 2L]). With shift the first column of each
+    noisy segment is the last token of the block before, which is clean when that segment is denoised
+    (see block_diffusion_mask): it gets its clean id."""
+    noisy = xt
+    if shift:
+        first = (torch.arange(xt.shape[1], device=xt.device) + 1) % block_size == 0
+        noisy = torch.where(first[None, :], input_ids, xt)
+    return torch.cat([noisy, input_ids], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -732,6 +817,36 @@ def commit_counts(conf, still, threshold=None, factor=None):
     return torch.minimum(k.clamp(min=1), still.sum(1))
 
 
+def propose(x, still, logits, temperature, remasking, generator=None):
+    """One LLaDA step's proposal for the positions `still` (logits [N, V] in row-major order): x0 by
+    Gumbel-max in float64 at `temperature` (greedy at 0), and each position's confidence (its x0
+    probability, or a random number for `random` remasking; -inf off `still`). Returns (proposal, conf)."""
+    if temperature > 0:
+        u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
+        x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    if remasking == "random":
+        conf_sel = torch.rand(x0.shape, device=x.device, generator=generator)
+    else:
+        conf_sel = torch.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+    conf = torch.full(x.shape, float("-inf"), device=x.device)
+    conf[still] = conf_sel
+    proposal = x.clone()
+    proposal[still] = x0
+    return proposal, conf
+
+
+def commit_top(conf, counts, still):
+    """The `counts[b]` most confident positions of each row, within `still`."""
+    commit = torch.zeros_like(still)
+    for b in range(conf.shape[0]):
+        k = int(counts[b])
+        if k > 0:
+            commit[b, conf[b].topk(k).indices] = True
+    return commit & still
+
+
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
                    remasking="low_confidence", threshold=0.9, factor=None, cache="none", cache_refresh=0,
@@ -780,29 +895,12 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                     logits, state = refresh_cache(model, x, att, block, cache, still)
                 else:
                     logits = cached_step_logits(model, x, still, state)
-                if temperature > 0:
-                    u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
-                    x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-                else:
-                    x0 = logits.argmax(-1)
-                if remasking == "random":
-                    conf_sel = torch.rand(x0.shape, device=x.device, generator=generator)
-                else:
-                    conf_sel = torch.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
-                conf = torch.full(x.shape, float("-inf"), device=x.device)
-                conf[still] = conf_sel
-                proposal = x.clone()
-                proposal[still] = x0
+                proposal, conf = propose(x, still, logits, temperature, remasking, generator)
                 if remasking == "threshold":
                     counts = still.sum(1) if i == block_steps[blk] - 1 else commit_counts(conf, still, threshold, factor)
                 else:
                     counts = schedule[:, i]
-                commit = torch.zeros_like(still)
-                for b in range(x.shape[0]):
-                    k = int(counts[b])
-                    if k > 0:
-                        commit[b, conf[b].topk(k).indices] = True
-                commit &= still                            # a row finished by stop_at_eos keeps its schedule: commit nothing
+                commit = commit_top(conf, counts, still)   # a row finished by stop_at_eos keeps its schedule: commit nothing
                 x = torch.where(commit, proposal, x)
                 still &= ~commit
                 pending &= ~commit
@@ -814,7 +912,96 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     return x
 
 
-SAMPLERS = ("diffullama", "low_confidence", "random", "threshold")
+def _to_left(x, att, back=False):
+    """Move each row's real tokens to column 0 (right padding), or back (`back`): the block sampler's
+    blocks are cut by position, so with every row starting at column 0 they share their columns."""
+    if att is None:
+        return x
+    L = x.shape[1]
+    off = L - att.long().sum(1)
+    idx = (torch.arange(L, device=x.device)[None, :] + (-off if back else off)[:, None]) % L
+    return x.gather(1, idx)
+
+
+@torch.no_grad()
+def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
+                   remasking="low_confidence", stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
+    """The sampler of block-diffusion models (train_sft.py --block_size, dFactory / LLaDA2.0): blocks of
+    `block_length` tokens by position (position 0 = the first real token, as in training), one after the
+    other; each is denoised with LLaDA's steps (`low_confidence` or `random` remasking, an even transfer
+    schedule over steps / n_blocks steps) while every earlier block is clean and its keys/values cached.
+    Under block-causal attention those keys never change, so the cache is exact: each step runs the
+    current block only (with shift the window starts one column earlier: the last token of the block
+    before predicts the block's first token), and a finished block is run once more, clean, to extend
+    the cache. A block without positions to generate (prompt, suffix) is only cached; nothing after the
+    last generated block is run. Rows may be left-padded."""
+    from transformers import DynamicCache
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"the block sampler's remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if block_length < 1 or steps < 1:
+        raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
+    x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
+    x, todo = _to_left(x, att), _to_left(todo, att)
+    att_r = None if att is None else _to_left(att, att)
+    B, L = x.shape
+    s = int(model.shift)
+    blocks = sorted(set((todo.nonzero()[:, 1] // block_length).tolist()))
+    if not blocks:
+        return input_ids.to(x.device).clone()
+    if steps < len(blocks):
+        raise ValueError(f"--diffusion_steps ({steps}) must be at least the number of blocks ({len(blocks)} = gen_len / --block_length)")
+    block_steps = transfer_schedule(torch.tensor([steps]), len(blocks))[0].tolist()
+    pos = torch.arange(L, device=x.device).expand(B, L)
+    dec, cache, cached = model.model.get_decoder(), DynamicCache(), 0
+    pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
+
+    def run(a, b, keep):
+        """Hidden states of columns [a, b) over the cache; the cache keeps their keys/values if `keep`."""
+        am = None if att_r is None else torch.cat([att_r[:, :cached], att_r[:, a:b]], dim=1)
+        h = dec(input_ids=x[:, a:b], attention_mask=am, position_ids=pos[:, a:b], past_key_values=cache,
+                use_cache=True, is_causal=False).last_hidden_state
+        if not keep:
+            cache.crop(-(b - a))                                     # the window's keys go again
+        return h
+
+    def head(h, still, a):
+        r, p = still.nonzero(as_tuple=True)
+        logits = model.model.get_output_embeddings()(h[r, p - s - a]).float()
+        logits[:, model.mask_token_id] = float("-inf")
+        return logits
+
+    def unmask(x_back):
+        return _to_left(x_back, att, back=True) if att is not None else x_back
+
+    step = 0
+    for n, blk in enumerate(blocks):
+        lo, hi = blk * block_length, min((blk + 1) * block_length, L)
+        while cached < lo:                                           # the clean blocks before: cached, block by block
+            end = min(lo, (cached // block_length + 1) * block_length)
+            run(cached, end, keep=True)
+            cached = end
+        still = todo & pending
+        still[:, :lo] = False
+        still[:, hi:] = False
+        schedule = transfer_schedule(still.sum(1), block_steps[n])
+        for i in range(block_steps[n]):
+            if still.any():
+                a = max(lo - s, 0)
+                logits = head(run(a, hi - s, keep=False), still, a)
+                proposal, conf = propose(x, still, logits, temperature, remasking, generator)
+                commit = commit_top(conf, schedule[:, i], still)
+                x = torch.where(commit, proposal, x)
+                still &= ~commit
+                pending &= ~commit
+                if stop_at_eos:
+                    still &= ~stop_rows_at_eos(x, todo, pending, eos)
+            step += 1
+            if callback is not None:
+                callback(step, unmask(x))
+    return unmask(x)
+
+
+SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block")
 
 
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
@@ -830,4 +1017,12 @@ def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0
         return generate_llada(model, **batch, steps=diffusion_steps, block_length=block_length,
                               temperature=temperature, remasking=sampler, threshold=threshold, factor=factor,
                               cache=cache, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
+    if sampler == "block":
+        if cache != "none":
+            raise ValueError("--cache: the block sampler always caches the finished blocks (exactly): leave --cache none")
+        block_length = block_length or getattr(model.config, "block_size", None)
+        if block_length is None:
+            raise ValueError("--sampler block needs --block_length (the model's config has no block_size)")
+        return generate_block(model, **batch, steps=diffusion_steps, block_length=block_length, temperature=temperature,
+                              stop_at_eos=stop_at_eos, generator=generator, callback=callback)
     raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
