@@ -368,6 +368,10 @@ class DiscreteDiffusionModel(nn.Module):
     def save_pretrained(self, path):
         """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer."""
         self.model.save_pretrained(path)
+        if hasattr(self.model, "peft_config"):   # a LoRA adapter: what the base model's config does not say
+            with open(os.path.join(path, ADAPTER_EXTRA), "w") as f:
+                json.dump({"mask_token_id": self.mask_token_id, "shift": self.shift,
+                           "block_size": getattr(self.config, "block_size", None)}, f, indent=1)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -929,7 +933,8 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     """The sampler of block-diffusion models (train_sft.py --block_size, dFactory / LLaDA2.0): blocks of
     `block_length` tokens by position (position 0 = the first real token, as in training), one after the
     other; each is denoised with LLaDA's steps (`low_confidence` or `random` remasking, an even transfer
-    schedule over steps / n_blocks steps) while every earlier block is clean and its keys/values cached.
+    schedule over ceil(steps / ceil(gen_len / block_length)) steps, so a row's tokens do not depend on the
+    other rows of the batch) while every earlier block is clean and its keys/values cached.
     Under block-causal attention those keys never change, so the cache is exact: each step runs the
     current block only (with shift the window starts one column earlier: the last token of the block
     before predicts the block's first token), and a finished block is run once more, clean, to extend
@@ -948,9 +953,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     blocks = sorted(set((todo.nonzero()[:, 1] // block_length).tolist()))
     if not blocks:
         return input_ids.to(x.device).clone()
-    if steps < len(blocks):
-        raise ValueError(f"--diffusion_steps ({steps}) must be at least the number of blocks ({len(blocks)} = gen_len / --block_length)")
-    block_steps = transfer_schedule(torch.tensor([steps]), len(blocks))[0].tolist()
+    per_block = math.ceil(steps / math.ceil(int(todo.sum(1).max()) / block_length))   # the same for every row
     pos = torch.arange(L, device=x.device).expand(B, L)
     dec, cache, cached = model.model.get_decoder(), DynamicCache(), 0
     pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
@@ -974,7 +977,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         return _to_left(x_back, att, back=True) if att is not None else x_back
 
     step = 0
-    for n, blk in enumerate(blocks):
+    for blk in blocks:
         lo, hi = blk * block_length, min((blk + 1) * block_length, L)
         while cached < lo:                                           # the clean blocks before: cached, block by block
             end = min(lo, (cached // block_length + 1) * block_length)
@@ -983,8 +986,8 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         still = todo & pending
         still[:, :lo] = False
         still[:, hi:] = False
-        schedule = transfer_schedule(still.sum(1), block_steps[n])
-        for i in range(block_steps[n]):
+        schedule = transfer_schedule(still.sum(1), per_block)
+        for i in range(per_block):
             if still.any():
                 a = max(lo - s, 0)
                 logits = head(run(a, hi - s, keep=False), still, a)

@@ -224,6 +224,8 @@ def is_ours(out_dir, name):
         return True
     if name == "final" and os.path.islink(path):
         return True
+    if name in ("merged", "merged.tmp") and os.path.isdir(path):   # train_sft.py --merge_lora
+        return True
     if (STEP_RE.match(name) or name.startswith(".tmp-step_")) and os.path.isdir(path):
         return os.path.exists(os.path.join(path, "trainer_state.json")) or name.startswith(".tmp-step_")
     return False
@@ -304,11 +306,13 @@ def checkpoint_problem(path):
             return f"{MANIFEST} cannot be read ({first_line(e)})"
     elif state.get("format", 1) >= CHECKPOINT_FORMAT:
         return f"{MANIFEST} is missing"
-    for name in ("config.json", "optimizer.safetensors"):
+    adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))   # a LoRA run of train_sft.py: the adapter only
+    for name in ("adapter_config.json" if adapter else "config.json", "optimizer.safetensors"):
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name} is missing"
-    if not any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
-        return "model.safetensors is missing"
+    weights = ("adapter_model.safetensors",) if adapter else ("model.safetensors", "model.safetensors.index.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in weights):
+        return f"{weights[0]} is missing"
     try:
         check_model_folder(path)
     except (OSError, ValueError) as e:
@@ -926,14 +930,15 @@ def init_distributed(args, run):
         dist.barrier()
 
 
-def load_model(args, run):
+def load_model(args, run, from_checkpoint=True):
     """The diffusion model to train: the checkpoint being resumed, else --model_name (a causal LM gets a
-    [MASK] token and the --shift convention). Seeds every RNG first (per rank)."""
+    [MASK] token and the --shift convention). Seeds every RNG first (per rank). from_checkpoint=False loads
+    --model_name even on resume (train_sft.py's LoRA runs: the checkpoint holds the adapter only)."""
     torch.manual_seed(args.seed + run.rank)
     np.random.seed(args.seed + run.rank)
     random.seed(args.seed + run.rank)
     try:
-        if run.ckpt is not None:
+        if run.ckpt is not None and from_checkpoint:
             raw = DiscreteDiffusionModel.from_pretrained(run.ckpt, dtype=run.weight_dtype, attn_implementation=run.attn,
                                                          device=run.device)
         else:

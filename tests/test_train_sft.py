@@ -1,0 +1,354 @@
+"""train_sft.py and its model.py parts: the SFT loss, block diffusion (mask, input, sampler), LoRA, a toy mapping
+learnt by full / LoRA / block fine-tuning, DDP equivalence, kill + resume, bad input."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, save_tiny_ar, tiny_causal_lm
+
+import train_sft
+from model import (DiscreteDiffusionModel, block_diffusion_mask, block_inputs, diffusion_loss, generate_block,
+                   layout_rows, maskable_positions, noise_draw, positions_from_mask, propose, commit_top,
+                   transfer_schedule)
+from test_train_adapt import load_weights, read_log, subprocess_env
+
+TOY = [("the king", "queen lord"), ("a man", "night day"), ("my love", "thou good"), ("good sir", "well met"),
+       ("his lord", "you are"), ("her day", "come now")]
+TOY = [{"instruction": q, "output": a.replace("met", "man")} for q, a in TOY]   # every word in the tiny vocabulary
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    data = d / "toy.json"
+    data.write_text(json.dumps(TOY))
+    return {"dir": d, "model": save_tiny_ar(d / "tiny"), "data": str(data)}
+
+
+def common(setup, out, *extra):
+    return ["--model_name", setup["model"], "--data", setup["data"], "--seq_len", "32", "--batch_size", "6",
+            "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "10", "--weight_decay", "0", "--out_dir", str(out),
+            *extra]
+
+
+def sft_curve(log):
+    return [(r["step"], r["loss"], r["unweighted_loss"], r["lr"], r["grad_norm"], r["n_masked"]) for r in log if "loss" in r]
+
+
+def tiny_model(shift=True, impl="sdpa", seed=0):
+    return DiscreteDiffusionModel(tiny_causal_lm("llama", impl=impl, seed=seed), mask_token_id=4, shift=shift).eval()
+
+
+# ----------------------------------------------------------------------------- the SFT loss
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_prompt_never_masked_and_both_normalisations(shift):
+    """Prompt positions are never masked (so carry no loss); masked and answer_length equal a hand computation."""
+    torch.manual_seed(0)
+    m = tiny_model(shift)
+    eos = 2
+    rows = [([1, 10, 11, 12], [20, 21, eos]), ([1, 13], [22, 23, 24, 25, 26, eos])]
+    x, prompt, resp_len = train_sft.collate([(p, r, "") for p, r in rows], eos)
+    assert resp_len.tolist() == [4.0, 6.0]                      # EOS padding belongs to the response
+    maskable = maskable_positions(x, src_mask=prompt, shift=shift)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        masked, t = noise_draw(maskable, g)
+        assert not (masked & prompt).any()
+    masked = maskable.clone()
+    masked[0, 5] = False                                        # some response positions stay clean
+    t = torch.tensor([0.3, 0.8])
+    xt = x.masked_fill(masked, m.mask_token_id)
+    with torch.no_grad():
+        full = m(xt).float()                                    # [B, L, V]; with shift row i predicts token i + 1
+        loss_m, unw_m, n = diffusion_loss(m, x, xt, masked, t)
+        loss_a, unw_a, _ = diffusion_loss(m, x, xt, masked, t, answer_length=resp_len)
+    sum_m = sum_a = sum_u = 0.0
+    count = 0
+    for b in range(2):
+        for i in range(x.shape[1]):
+            if masked[b, i]:
+                assert not prompt[b, i]
+                ce = F.cross_entropy(full[b, i - 1 if shift else i][None], x[b, i][None]).item()
+                sum_m += ce / t[b].item()
+                sum_a += ce / (t[b].item() * resp_len[b].item())
+                sum_u += ce
+                count += 1
+    assert n == count
+    assert loss_m.item() == pytest.approx(sum_m / count, rel=1e-5)
+    assert unw_m.item() == pytest.approx(sum_u / count, rel=1e-5)
+    assert loss_a.item() == pytest.approx(sum_a / 2, rel=1e-5)
+    assert unw_a.item() == pytest.approx(sum_u / count, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- block diffusion
+
+def brute_block_mask(L, B, shift):
+    """The definition, one (query, key) pair at a time, on [noisy ; clean]."""
+    m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for i in range(2 * L):
+        for j in range(2 * L):
+            qi, kj = i % L, j % L
+            if i < L:        # a noisy query: it belongs to the block of the token it predicts
+                seg = (qi + 1) // B if shift else qi // B
+                if j < L:
+                    m[i, j] = ((kj + 1) // B if shift else kj // B) == seg
+                else:
+                    m[i, j] = kj // B < seg
+            else:            # a clean query: the clean blocks up to its own
+                m[i, j] = j >= L and kj // B <= qi // B
+    return m
+
+
+@pytest.mark.parametrize("L,B", [(1, 1), (5, 1), (6, 2), (7, 3), (8, 4), (9, 4), (10, 16)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_block_mask_matches_definition(L, B, shift):
+    assert torch.equal(block_diffusion_mask(L, B, shift), brute_block_mask(L, B, shift))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_noisy_ids_reach_the_noisy_half(shift, impl):
+    """forward(block_size=) equals a manual decoder run on [noisy ; clean] with the brute-force mask and repeated
+    positions, and the noisy half gets the noisy ids: feeding the clean ids there changes the logits."""
+    torch.manual_seed(0)
+    m = tiny_model(shift, impl)
+    L, B = 10, 4
+    x = torch.randint(5, 90, (2, L))
+    x[:, 0] = 1
+    masked = torch.zeros_like(x, dtype=torch.bool)
+    masked[:, 3:9] = torch.rand(2, 6) < 0.6
+    masked[:, 5] = True
+    xt = x.masked_fill(masked, m.mask_token_id)
+    inp = block_inputs(x, xt, B, shift)
+    assert torch.equal(inp[:, L:], x)
+    with torch.no_grad():
+        got = m(inp, block_size=B, target_mask=masked)
+        mask = brute_block_mask(L, B, shift)[None, None].expand(2, 1, 2 * L, 2 * L)
+        if impl == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        noisy = xt.clone()
+        if shift:   # the first column of each noisy segment is the clean last token of the block before
+            for c in range(L):
+                if (c + 1) % B == 0:
+                    noisy[:, c] = x[:, c]
+        pos = torch.arange(L).repeat(2)[None].expand(2, 2 * L)
+        h = m.model.get_decoder()(input_ids=torch.cat([noisy, x], 1), attention_mask=mask, position_ids=pos,
+                                  is_causal=False).last_hidden_state[:, :L]
+        h = h[:, :-1][masked[:, 1:]] if shift else h[masked]
+        want = m.model.get_output_embeddings()(h)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        wrong = m(torch.cat([x, x], 1), block_size=B, target_mask=masked)
+        assert (wrong - got).abs().max() > 1e-3
+
+
+def reference_block_sampler(m, x, todo, B, steps):
+    """generate_block without a cache: every step runs the training forward on [state ; state] (the state's
+    earlier blocks are clean) and takes the logits of the current block's masked positions."""
+    x = x.clone()
+    L = x.shape[1]
+    blocks = sorted(set((todo.nonzero()[:, 1] // B).tolist()))
+    per = -(-steps // -(-int(todo.sum()) // B))          # ceil(steps / ceil(gen_len / B)) steps per block
+    for blk in blocks:
+        still = todo.clone()
+        still[:, :blk * B] = False
+        still[:, (blk + 1) * B:] = False
+        sched = transfer_schedule(still.sum(1), per)
+        for i in range(per):
+            if not still.any():
+                continue
+            logits = m(block_inputs(x, x, B, m.shift), block_size=B, target_mask=still).float()
+            logits[:, m.mask_token_id] = float("-inf")
+            proposal, conf = propose(x, still, logits, 0.0, "low_confidence")
+            commit = commit_top(conf, sched[:, i], still)
+            x = torch.where(commit, proposal, x)
+            still &= ~commit
+    return x
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("B", [1, 3, 4])
+def test_block_sampler_equals_uncached_training_forward(shift, B):
+    """The cached block sampler gives the tokens of a reference that runs the training forward at every step."""
+    torch.manual_seed(1)
+    m = tiny_model(shift, seed=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4)   # sharper predictions: no near-ties between tokens
+    rows = [([1, 10, 11, 12, 13], 7, []), ([1, 14], 7, [15, 16])]   # different prompt lengths; a suffix
+    batch = layout_rows(rows, m.mask_token_id, 0)
+    out = generate_block(m, **batch, steps=8, block_length=B)
+    for b, (pre, n, suf) in enumerate(rows):
+        row = torch.tensor([pre + [m.mask_token_id] * n + suf])
+        todo = torch.zeros_like(row, dtype=torch.bool)
+        todo[0, len(pre):len(pre) + n] = True
+        with torch.no_grad():
+            ref = reference_block_sampler(m, row, todo, B, 8)
+        assert torch.equal(out[b][batch["attention_mask"][b].bool()], ref[0])
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+def test_synthetic_arith_seeded_disjoint_and_correct():
+    train, test = train_sft.synthetic_arith("train", 300), train_sft.synthetic_arith("test", 50)
+    assert train == train_sft.synthetic_arith("train", 300)
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
+    for r in train + test:
+        steps = re.findall(r"<<(\d+)([-+*])(\d+)=(\d+)>>", r["output"])
+        assert steps and r["output"].endswith(f"#### {steps[-1][3]}")
+        for a, op, b, c in steps:
+            assert eval(f"{a}{op}{b}") == int(c)
+        assert train_sft.is_correct("blah #### " + steps[-1][3], r["output"])
+    assert train_sft.is_correct("queen  lord.", "queen lord") and not train_sft.is_correct("queen", "queen lord")
+
+
+# ----------------------------------------------------------------------------- fine-tuning a toy mapping
+
+@pytest.mark.parametrize("mode", ["full", "lora", "block"])
+def test_toy_mapping_is_learnt(mode, setup):
+    """A few hundred steps on six prompt -> answer pairs: the sampler then answers every prompt."""
+    out = setup["dir"] / f"toy_{mode}"
+    extra = {"full": [], "lora": ["--lora_r", "8", "--modules_to_save", "embed_tokens", "--lr", "1e-2", "--min_lr", "1e-3"],
+             "block": ["--block_size", "2"]}[mode]
+    train_sft.main(common(setup, out, "--max_steps", "300", "--eval_data", setup["data"], "--eval_every", "300",
+                          "--save_every", "0", *extra))
+    log = read_log(out)
+    assert log[0]["eval_accuracy"] < 0.5 and log[-1]["eval_accuracy"] == 1.0
+    # the saved model (or adapter) answers the same way through model.sample
+    from model import sample
+    kw = {"adapter_path": str(out / "final")} if mode == "lora" else {}
+    m = DiscreteDiffusionModel.from_pretrained(setup["model"] if mode == "lora" else str(out / "final"), **kw).eval()
+    if mode == "block":
+        assert m.config.block_size == 2
+    tok = m.tokenizer
+    batch = layout_rows([([tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(r["instruction"]), add_special_tokens=False),
+                          4, []) for r in TOY], m.mask_token_id, tok.eos_token_id)
+    got = sample(m, batch, "block" if mode == "block" else "low_confidence", 4, stop_at_eos=True)
+    for b, r in enumerate(TOY):
+        text = tok.decode(got[b][~batch["src_mask"][b]].tolist(), skip_special_tokens=True)
+        assert text.split() == r["output"].split()
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_adapter_save_load_merge_identical(setup):
+    """A LoRA run on a model without a [MASK] token (added to the vocabulary) with embed_tokens trained in full:
+    the model in training, base + saved adapter (from_pretrained --adapter_path) and --merge_lora's folder
+    give the same logits."""
+    out = setup["dir"] / "lora"
+    train_sft.main(common(setup, out, "--max_steps", "3", "--lora_r", "4", "--lora_target", "q_proj,v_proj",
+                          "--modules_to_save", "embed_tokens", "--merge_lora", "--lr", "1e-2"))
+    final = out / "final"
+    assert os.path.exists(final / "adapter_model.safetensors") and not os.path.exists(final / "model.safetensors")
+    base = DiscreteDiffusionModel.from_pretrained(setup["model"])
+    assert base.mask_token_id == len(base.tokenizer) - 1     # a new [MASK] row
+    # the model as trained: base + peft wrapper, weights from the checkpoint
+    from argparse import Namespace
+    trained = train_sft.apply_lora(base, Namespace(lora_r=4, lora_alpha=None, lora_dropout=None,
+                                                   lora_target="q_proj,v_proj", modules_to_save="embed_tokens"))
+    train_sft.load_adapter_weights(trained, str(final))
+    trained.eval()
+    loaded = DiscreteDiffusionModel.from_pretrained(setup["model"], adapter_path=str(final)).eval()
+    merged = DiscreteDiffusionModel.from_pretrained(str(out / "merged")).eval()
+    x = torch.tensor([[1, 10, 11, loaded.mask_token_id, 12, loaded.mask_token_id, 13]])
+    with torch.no_grad():
+        a, b, c = trained(x), loaded(x), merged(x)
+        plain = DiscreteDiffusionModel.from_pretrained(setup["model"]).eval()(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+    assert (a - plain).abs().max() > 1e-4                   # the adapter did change the model
+    assert merged.mask_token_id == loaded.mask_token_id
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--lora_r", "4", "--lora_target", "q_proj,nope_proj"], r"--lora_target q_proj,nope_proj: no module named nope_proj"),
+    (["--lora_r", "4", "--modules_to_save", "embeddings"], r"--modules_to_save embeddings: no module named embeddings"),
+    (["--lora_alpha", "16"], r"--lora_alpha needs --lora_r"),
+    (["--merge_lora"], r"--merge_lora needs --lora_r"),
+    (["--seq_len", "4"], r"--data .*toy.json record 1: the prompt has \d+ tokens, --seq_len is 4"),
+    (["--pad_to", "7"], r"--data .*toy.json record 1: prompt \+ response \+ EOS = \d+ tokens, more than --pad_to 7"),
+    (["--sampler", "block"], r"--sampler block .* needs --block_size"),
+])
+def test_bad_flags_one_line(extra, pattern, setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(common(setup, tmp_path / "out", "--max_steps", "1", *extra))
+    msg = str(e.value) if str(e.value) not in ("1", "2") else capsys.readouterr().err
+    assert re.search(pattern, msg), msg
+    assert msg.startswith("train_sft.py: error:") and len(msg.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out" / "log.jsonl")
+
+
+def test_missing_field_named(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(TOY[0]) + "\n" + json.dumps({"instruction": "the king"}) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl record 2: missing field 'output'"):
+        train_sft.main(common(setup, tmp_path / "out", "--max_steps", "1") + ["--data", str(bad)])
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "the king"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(SystemExit, match=r"chat.jsonl record 1: chat records need a tokenizer with a chat template"):
+        train_sft.main(common(setup, tmp_path / "out", "--max_steps", "1") + ["--data", str(chat)])
+
+
+# ----------------------------------------------------------------------------- DDP and resume
+
+def test_ddp_two_processes_match_one(setup):
+    """torchrun --nproc_per_node=2 (gloo), global batch 6 with dynamic padding and grad_accum 2 = one process,
+    for both normalisations (answer_length here) and block mode."""
+    extra = ["--max_steps", "3", "--grad_accum", "2", "--loss_norm", "answer_length", "--block_size", "3",
+             "--eval_data", setup["data"], "--eval_every", "3", "--eval_batch_size", "2"]
+    ddp, single = setup["dir"] / "ddp", setup["dir"] / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_sft.py")] + common(setup, ddp, *extra)
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train_sft.main(common(setup, single, *extra))
+    a, b = load_weights(ddp / "final"), load_weights(single / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la, lb = read_log(ddp), read_log(single)
+    assert len(la) == len(lb) == 4
+    for x, y in zip(la, lb):
+        for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-5)
+
+
+def test_kill_and_resume(setup):
+    """A real SIGKILL in the middle of a LoRA block-diffusion run (the checkpoint holds the adapter only), then
+    --resume: the same curve and adapter weights as an uninterrupted run. (Full fine-tuning resumes through
+    the checkpoints of train_adapt.py, tested there.)"""
+    extra = ["--lora_r", "4", "--modules_to_save", "embed_tokens", "--block_size", "2"]
+
+    def args(out):
+        return common(setup, out, "--max_steps", "24", "--save_every", "2", "--keep_last", "2", *extra)
+    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py")]
+    ref, out = setup["dir"] / "ref_killed", setup["dir"] / "killed"
+    subprocess.run(cmd + args(ref), check=True, env=subprocess_env(), capture_output=True)
+    proc = subprocess.Popen(cmd + args(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(out / "step_000004") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out / "final"), "the run finished before it could be killed"
+    subprocess.run(cmd + ["--out_dir", str(out), "--resume"], check=True, env=subprocess_env(), capture_output=True)
+    assert sft_curve(read_log(out)) == sft_curve(read_log(ref))
+    from safetensors.torch import load_file
+    a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (out, ref))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

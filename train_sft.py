@@ -1,0 +1,453 @@
+"""
+Diffusion fine-tuning (SFT) of a diffusion LM on prompt -> response pairs: DiffuLLaMA's ddm-sft and LLaDA's
+SFT recipe (the prompt stays clean and carries no loss, the response is masked with t ~ U(eps, 1), 1/t-weighted
+cross-entropy), full or LoRA (peft), and dFactory / LLaDA2.0-style block-diffusion SFT (--block_size).
+
+    python train_sft.py --model_name out/adapt/final --data synthetic_arith --eval_data synthetic_arith
+    python train_sft.py --model_name out/adapt/final --data train.jsonl --eval_data test.jsonl --lora_r 16 \
+        --lora_target all --modules_to_save embed_tokens --merge_lora
+    python train_sft.py --model_name out/adapt/final --data synthetic_arith --block_size 8 --same_token_labels
+    torchrun --nproc_per_node=2 train_sft.py --data synthetic_arith --max_steps 20        # 2 CPU processes (gloo)
+    python train_sft.py --out_dir out/sft --resume --max_steps 2000                       # continue a stopped run
+    python sample.py --model_name out/sft/final --prompt "Question: ...\nAnswer:" --sampler low_confidence
+    python sample.py --model_name out/adapt/final --adapter_path out/sft/final ...        # a LoRA run's adapter
+    python sample.py --model_name out/sft/final --sampler block ...                       # a --block_size run
+
+The run machinery (flags of the run, DDP, the global batch, out_dir rules, atomic checkpoints and exact
+resume, the LR schedule, JSONL and tqdm logging, stop signals) is train_adapt.py's, imported; this file
+holds the data, the SFT loss step and the evaluation.
+
+Data (--data, --eval_data): a .json list or .jsonl of {"instruction", "output"} pairs (the format of GSM8K's
+symbolic release), or of {"messages": [{"role", "content"}, ...]} chats rendered with the tokenizer's chat
+template (the prompt is everything up to and including the generation prompt of the last assistant turn,
+the response is that turn). Pairs become "Question: <instruction>\nAnswer:" + " <output>" (the prompt of
+eval_zeroshot.py's gsm8k task), or with --chat_template one user turn of the chat template.
+`synthetic_arith` is a built-in generator of multi-step arithmetic word problems in GSM8K's symbolic format
+(`<<a+b=c>> <<c-d=e>> #### e`), seeded, with disjoint train and test splits (--data takes the train split,
+--eval_data the test split). Every sequence is [BOS] prompt response [EOS], padded with EOS (which is
+trained, so the model learns where to stop) to --pad_to tokens, or to the longest sequence of the global
+batch.
+
+Loss: prompt positions are never masked and carry no loss. --loss_norm masked (DiffuLLaMA): the sum of
+CE / t over the masked tokens of the whole step divided by their number; answer_length (LLaDA): each masked
+token also divided by its response length (EOS padding included), the sum divided by the number of sequences.
+
+Block diffusion (--block_size B): the input is [noisy ; clean] with the position ids repeated; a noisy token
+sees its own block's noisy tokens and the clean blocks before it, a clean token the clean blocks up to its
+own (model.block_diffusion_mask); the loss is on the noisy half. --same_token_labels: output i predicts token
+i (LLaDA2.0), else the shift convention of the model. The model's config records block_size, so
+`sample.py --sampler block` picks it up.
+
+Evaluation (--eval_data, every --eval_every steps and at the end): each prompt is answered with --sampler
+(greedy; the block sampler in block mode), stopping at EOS; GSM-style answers compare the number after
+'####', others the whole normalised answer. eval_accuracy goes to log.jsonl.
+"""
+import json
+import math
+import os
+import random
+import sys
+from contextlib import nullcontext
+
+import torch
+
+import train_adapt
+from train_adapt import (add_run_args, batch_blocks, cli, die, finish_run, flag_error, init_distributed, load_model,
+                         log0, make_optimizer, open_log, restore_run, run_main, start_run, train_loop, wrap_model, _Help)
+from model import (ADAPTER_EXTRA, SAMPLERS, DiscreteDiffusionModel, block_inputs, build_inputs, diffusion_loss,
+                   first_line, layout_rows, load_tokenizer, maskable_positions, max_positions, noise_draw,
+                   resolve_model_path, sample, start_token_id)
+from eval_zeroshot import EvalError, field, gsm8k_number, normalize_answer, read_records
+
+PROG = "train_sft.py"
+SYNTHETIC = "synthetic_arith"
+PROMPT = "Question: {}\nAnswer:"
+FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id", "seed", "seq_len", "pad_to",
+                   "chat_template", "block_size", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
+                   "modules_to_save", "synthetic_n", "loss_norm")
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(prog=PROG, formatter_class=_Help,
+                                description="Diffusion fine-tuning (see the top of train_sft.py).")
+    add_run_args(p, out_dir="out/sft", lr=2e-5, min_lr=2e-6, warmup_steps=10, max_steps=500, batch_size=8,
+                 eval_every=100, save_every=100)
+    a = p.add_argument
+    a("--data", default=SYNTHETIC, help="training pairs: .json/.jsonl file, or 'synthetic_arith' (its train split)")
+    a("--eval_data", default=None, help="evaluation pairs: .json/.jsonl file, or 'synthetic_arith' (its test split)")
+    a("--eval_n", type=int, default=100, help="evaluate on the first N examples of --eval_data (0 = all)")
+    a("--synthetic_n", type=int, default=5000, help="synthetic_arith: training problems generated")
+    a("--chat_template", action="store_true", help="render pairs as one user turn of the tokenizer's chat template")
+    a("--seq_len", type=int, default=512, help="longest sequence (BOS + prompt + response + EOS); longer is an error")
+    a("--pad_to", type=int, default=None, help="pad every sequence with EOS to this length (default: to the longest of the batch)")
+    a("--loss_norm", default="masked", choices=["masked", "answer_length"],
+      help="masked: divide by the masked tokens (DiffuLLaMA); answer_length: by each response's length, then the sequences (LLaDA)")
+    a("--block_size", type=int, default=None, help="block-diffusion SFT with blocks of this many tokens")
+    a("--same_token_labels", action="store_true", help="output i predicts token i (LLaDA2.0; sets --no_shift)")
+    a("--lora_r", type=int, default=None, help="LoRA rank (LoRA through peft; default: full fine-tuning)")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 * --lora_r)")
+    a("--lora_dropout", type=float, default=None, help="LoRA dropout (default 0.0)")
+    a("--lora_target", default=None, help="'all' (every linear layer but the head) or module names, e.g. q_proj,v_proj (default all)")
+    a("--modules_to_save", default=None, help="modules trained in full beside LoRA, e.g. embed_tokens (DiffuLLaMA)")
+    a("--merge_lora", action="store_true", help="at the end, also write <out_dir>/merged: base + adapter as a plain HF folder")
+    a("--sampler", default="low_confidence", help=f"evaluation sampler: one of {', '.join(SAMPLERS)} (block mode: block)")
+    a("--diffusion_steps", type=int, default=None, help="evaluation sampler steps (default: --eval_gen_len)")
+    a("--eval_gen_len", type=int, default=None, help="tokens generated per evaluation answer (default: the longest reference answer + 1)")
+    a("--eval_batch_size", type=int, default=16, help="evaluation prompts per sampler call (per rank)")
+    return p
+
+
+def check_sft_args(args):
+    """The flags of this script (the run flags are checked by train_adapt.validate_args): exit status 2."""
+    for flag in ("pad_to", "block_size", "lora_r", "eval_gen_len", "diffusion_steps", "eval_batch_size", "synthetic_n"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            flag_error(f"--{flag} must be >= 1, got {v}")
+    if args.eval_n < 0:
+        flag_error(f"--eval_n must be >= 0, got {args.eval_n}")
+    if args.pad_to is not None and args.pad_to > args.seq_len:
+        flag_error(f"--pad_to {args.pad_to} is longer than --seq_len {args.seq_len}")
+    lora_flags = [f for f in ("lora_alpha", "lora_dropout", "lora_target", "modules_to_save") if getattr(args, f) is not None]
+    if args.lora_r is None and (lora_flags or args.merge_lora):
+        flag_error(f"--{(lora_flags or ['merge_lora'])[0]} needs --lora_r (LoRA is off without it)")
+    if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:
+        flag_error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        flag_error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if args.sampler not in SAMPLERS:
+        flag_error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if args.sampler == "block" and args.block_size is None:
+        flag_error("--sampler block evaluates block-diffusion models: it needs --block_size")
+    if args.same_token_labels:
+        args.shift = False
+
+
+# -----------------------------------------------------------------------------
+# data: pairs, chats and the synthetic arithmetic problems
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kim", "Leo", "Mia", "Nat", "Omar", "Pia")
+THINGS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "eggs", "cups")
+
+
+def synthetic_problem(rng):
+    """One word problem of 1-3 steps with its GSM8K-style symbolic answer, e.g.
+    ("Ann has 7 apples. She gets 5 more. Then she gives 3 away. How many apples does Ann have now?",
+     "<<7+5=12>> <<12-3=9>> #### 9")."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    n = rng.randint(2, 20)
+    text, steps = [f"{name} has {n} {thing}."], []
+    for _ in range(rng.randint(1, 3)):
+        op = rng.choice("+-*")
+        if op == "+":
+            k = rng.randint(1, 20)
+            text.append(f"Then {name} gets {k} more.")
+            m = n + k
+        elif op == "-" and n > 1:
+            k = rng.randint(1, n - 1)
+            text.append(f"Then {name} gives {k} away.")
+            m = n - k
+        else:
+            op, k = "*", rng.randint(2, 4)
+            text.append(f"Then the number of {thing} grows {k} times.")
+            m = n * k
+        steps.append(f"<<{n}{op}{k}={m}>>")
+        n = m
+    text.append(f"How many {thing} does {name} have now?")
+    return " ".join(text), " ".join(steps) + f" #### {n}"
+
+
+def synthetic_arith(split, n, seed=0):
+    """`n` distinct problems of one split. A problem belongs to the test split when a hash of its question
+    (stable across runs and machines) is 0 mod 10, so the splits never share a question."""
+    import zlib
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(200 * n):
+        q, a = synthetic_problem(rng)
+        if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == "test"):
+            continue
+        seen.add(q)
+        out.append({"instruction": q, "output": a})
+        if len(out) == n:
+            return out
+    raise ValueError(f"synthetic_arith: only {len(out)} distinct {split} problems, {n} asked for")
+
+
+def read_pairs(data, flag, n_synthetic, split):
+    """Records of --data / --eval_data: a file, or the synthetic generator's split."""
+    if data == SYNTHETIC and not os.path.exists(data):
+        return synthetic_arith(split, n_synthetic), SYNTHETIC
+    try:
+        return read_records(data), data
+    except EvalError as e:
+        die(f"{flag} {e}" if not str(e).startswith(data) else f"{flag}: {e}")
+
+
+def render(tok, rec, path, i, chat_template):
+    """(prompt text, response text) of one record."""
+    try:
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise EvalError(f"{path} record {i}: 'messages' must be a list of {{\"role\", \"content\"}}")
+            if msgs[-1]["role"] != "assistant":
+                raise EvalError(f"{path} record {i}: the last message must be the assistant's (the response)")
+            if not getattr(tok, "chat_template", None):
+                raise EvalError(f"{path} record {i}: chat records need a tokenizer with a chat template")
+            prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+            return prompt, msgs[-1]["content"]
+        question, answer = str(field(rec, "instruction", path=path, i=i)), str(field(rec, "output", path=path, i=i))
+    except EvalError as e:
+        die(str(e))
+    if chat_template:
+        if not getattr(tok, "chat_template", None):
+            die("--chat_template: the tokenizer has no chat template")
+        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True), answer
+    return PROMPT.format(question), " " + answer
+
+
+def encode_pairs(tok, records, path, args, flag):
+    """Token ids of each example: (prompt ids with BOS first, response ids with EOS last, reference text)."""
+    start, eos = start_token_id(tok), tok.eos_token_id
+    if eos is None:
+        die(f"--model_name {args.model_name}: the tokenizer has no EOS token (needed to end and pad responses)")
+    limit = args.pad_to or args.seq_len
+    out = []
+    for i, rec in enumerate(records, 1):
+        prompt, response = render(tok, rec, path, i, args.chat_template)
+        p = tok.encode(prompt, add_special_tokens=False)
+        if start is not None and (not p or p[0] != start):
+            p = [start] + p
+        r = tok.encode(response, add_special_tokens=False) + [eos]
+        if len(p) >= limit:
+            die(f"{flag} {path} record {i}: the prompt has {len(p)} tokens, --{'pad_to' if args.pad_to else 'seq_len'} is {limit}")
+        if len(p) + len(r) > limit:
+            die(f"{flag} {path} record {i}: prompt + response + EOS = {len(p) + len(r)} tokens, more than "
+                f"--{'pad_to' if args.pad_to else 'seq_len'} {limit}")
+        out.append((p, r, response))
+    return out
+
+
+def collate(examples, eos, pad_to=None):
+    """A batch [B, L] of [BOS] prompt response EOS..., EOS-padded to pad_to or the longest row; the prompt
+    mask, and each response's length (EOS padding included, LLaDA's answer length)."""
+    L = pad_to or max(len(p) + len(r) for p, r, _ in examples)
+    x = torch.full((len(examples), L), eos, dtype=torch.long)
+    prompt = torch.zeros(len(examples), L, dtype=torch.bool)
+    for b, (p, r, _) in enumerate(examples):
+        x[b, :len(p) + len(r)] = torch.tensor(p + r)
+        prompt[b, :len(p)] = True
+    return x, prompt, (~prompt).sum(1).float()
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+def apply_lora(raw, args):
+    """Wrap the transformers model in peft's LoRA (raw.model becomes the PeftModel; raw still runs it)."""
+    from peft import LoraConfig, get_peft_model
+    names = {n.rsplit(".", 1)[-1] for n, _ in raw.model.named_modules()}
+    target = args.lora_target or "all"
+    targets = "all-linear" if target == "all" else [t.strip() for t in target.split(",") if t.strip()]
+    save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()] if args.modules_to_save else None
+    for flag, wanted in (("lora_target", [] if targets == "all-linear" else targets), ("modules_to_save", save or [])):
+        unknown = [t for t in wanted if t not in names]
+        if unknown or (flag == "lora_target" and targets != "all-linear" and not wanted):
+            die(f"--{flag} {getattr(args, flag)}: no module named {', '.join(unknown) or '(empty)'} in the model "
+                f"(its linear layers: {', '.join(sorted(linear_names(raw.model)))})")
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout or 0.0,
+                     target_modules=targets, modules_to_save=save,
+                     ensure_weight_tying=bool(save) and bool(getattr(raw.config, "tie_word_embeddings", False)))
+    raw.model = get_peft_model(raw.model, cfg)
+    return raw
+
+
+def linear_names(module):
+    return {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def load_adapter_weights(raw, ckpt):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    result = set_peft_model_state_dict(raw.model, load_file(os.path.join(ckpt, "adapter_model.safetensors")))
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        die(f"--resume: {ckpt}/adapter_model.safetensors lacks {missing[0]} (a different --lora_* setting?)")
+
+
+# -----------------------------------------------------------------------------
+# evaluation: sample each answer, compare
+
+def is_correct(prediction, reference):
+    """GSM-style references compare the number after '####'; others the whole normalised answer."""
+    gold = gsm8k_number(reference)
+    if gold is not None:
+        return gsm8k_number(prediction) == gold
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+@torch.no_grad()
+def answer(raw, examples, args, gen_len, sampler):
+    """The model's answers (text up to EOS) to examples [(prompt ids, response ids, reference)], greedy."""
+    tok, outs = raw.tokenizer, []
+    eos = tok.eos_token_id
+    steps = args.diffusion_steps or gen_len
+    for s in range(0, len(examples), args.eval_batch_size):
+        chunk = examples[s:s + args.eval_batch_size]
+        batch = layout_rows([(p, gen_len, []) for p, _, _ in chunk], raw.mask_token_id, eos)
+        out = sample(raw, {k: v.to(raw.device) for k, v in batch.items()}, sampler, steps,
+                     block_length=args.block_size, stop_at_eos=True)
+        gen = (~batch["src_mask"] & batch["attention_mask"].bool())
+        for b in range(len(chunk)):
+            ids = out[b][gen[b].to(out.device)].tolist()
+            ids = ids[:ids.index(eos)] if eos in ids else ids
+            outs.append(tok.decode(ids, skip_special_tokens=True))
+    return outs
+
+
+def eval_sampler(args):
+    return "block" if args.block_size and args.sampler != "diffullama" else args.sampler
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def main(argv=None):
+    """Fine-tune (see the top of this file); returns the step reached."""
+    previous, train_adapt.PROG = train_adapt.PROG, PROG     # the shared machinery's error lines name this script
+    try:
+        return run_main(train, argv)
+    finally:
+        train_adapt.PROG = previous
+
+
+def train(argv, stop):
+    parser = build_parser()
+    args, run = start_run(parser, argv, FIXED_ON_RESUME)
+    check_sft_args(args)
+    if args.block_size and run.attn == "flash_attention_2":
+        die("--block_size needs a 4D attention mask: use --attn_implementation sdpa or eager")
+    if args.eval_data and os.path.exists(args.eval_data):
+        args.eval_data = os.path.abspath(args.eval_data)
+
+    # tokenizer and data (small: held in memory, tokenised up front)
+    try:
+        base_path = resolve_model_path(args.model_name)
+        from transformers import AutoConfig
+        limit = max_positions(AutoConfig.from_pretrained(base_path))
+    except (OSError, ValueError) as e:
+        die(f"--model_name {args.model_name}: {first_line(e)}")
+    if limit is not None and args.seq_len > limit:
+        die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
+    tok = load_tokenizer(base_path)
+    if tok is None:
+        die(f"--model_name {args.model_name}: no tokenizer found in {base_path}")
+    records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
+    train_set = encode_pairs(tok, records, path, args, "--data")
+    eval_set = []
+    if args.eval_data:
+        n_eval = args.eval_n or 10 ** 9
+        records, epath = read_pairs(args.eval_data, "--eval_data", min(n_eval, 10 ** 5), "test")
+        eval_set = encode_pairs(tok, records[:n_eval], epath, args, "--eval_data")
+    log0(f"data: {len(train_set)} training examples ({path})" + (f", {len(eval_set)} evaluation examples" if eval_set else ""))
+
+    init_distributed(args, run)
+    lora = args.lora_r is not None
+    raw = load_model(args, run, from_checkpoint=not lora)
+    if args.block_size:
+        raw.config.block_size = args.block_size      # saved with the model: sample.py --sampler block uses it
+    if lora:
+        apply_lora(raw, args)
+        if run.ckpt is not None:
+            load_adapter_weights(raw, run.ckpt)
+        raw.train()
+    wrap_model(raw, args, run)
+    optimizer, params = make_optimizer(raw, args, run)
+    counters = restore_run(args, run, optimizer)
+    log = open_log(args, run, counters["step"])
+    if lora and run.rank == 0:
+        n_train = sum(p.numel() for p in params)
+        log0(f"LoRA: {n_train} trainable parameters of {sum(p.numel() for p in raw.parameters())}")
+
+    eos, W, rank = tok.eos_token_id, run.world_size, run.rank
+    gen_len = args.eval_gen_len or (max(len(r) for _, r, _ in eval_set) + 1 if eval_set else 1)
+    sampler = eval_sampler(args)
+
+    def evaluate():
+        if not eval_set:
+            return None
+        raw.eval()
+        mine = eval_set[rank::W]
+        with run.autocast:
+            preds = answer(raw, mine, args, gen_len, sampler)
+        right = torch.tensor([float(sum(is_correct(p, ref) for p, (_, _, ref) in zip(preds, mine))), float(len(mine))])
+        if run.ddp:
+            torch.distributed.all_reduce(right)
+        raw.train()
+        acc = (right[0] / right[1].clamp(min=1)).item()
+        if rank == 0 and preds:
+            log0(f"eval: accuracy {acc:.4f} on {int(right[1])}; e.g. {tok.decode(mine[0][0], skip_special_tokens=True)[-60:]!r} "
+                 f"-> {preds[0]!r} (reference {mine[0][2]!r})")
+        return {"eval_accuracy": acc}
+
+    B, A = args.batch_size, args.grad_accum
+    per_rank = B // W
+    me = slice(rank * per_rank, (rank + 1) * per_rank)
+    by_length = args.loss_norm == "answer_length"
+
+    def step_fn(step):
+        # the global micro-batches and their noise first: the loss is normalised over the whole step
+        micro, seen = [], counters["samples_seen"]
+        for k in range(A):
+            x, prompt, resp_len = collate([train_set[i] for i in batch_blocks(len(train_set), seen + k * B, B, args.seed)],
+                                          eos, args.pad_to)
+            masked, t = noise_draw(maskable_positions(x, src_mask=prompt, shift=raw.shift), run.noise)
+            micro.append((x, masked, t, resp_len))
+        n_masked = sum(int(m[1].sum()) for m in micro)
+        total = float(A * B) if by_length else float(max(n_masked, 1))
+        sums = torch.zeros(2, dtype=torch.float32, device=run.device)
+        for k, (x, masked, t, resp_len) in enumerate(micro):
+            x, masked, t, resp_len = (v[me].to(run.device) for v in (x, masked, t, resp_len))
+            xt = x.masked_fill(masked, raw.mask_token_id)
+            if args.block_size:
+                xt = block_inputs(x, xt, args.block_size, raw.shift)
+            with (nullcontext() if not run.ddp or k == A - 1 else run.model.no_sync()), run.autocast:
+                loss, unweighted, n = diffusion_loss(run.model, x, xt, masked, t, answer_length=resp_len if by_length else None,
+                                                     block_size=args.block_size)
+            share = x.shape[0] if by_length else n
+            (loss * (share * W / total)).backward()
+            sums += torch.stack([loss.detach().float() * share, unweighted.detach().float() * n])
+        if run.ddp:
+            torch.distributed.all_reduce(sums)
+        tokens = sum(m[0].numel() for m in micro)
+        return ({"loss": sums[0].item() / total, "unweighted_loss": sums[1].item() / max(n_masked, 1),
+                 "n_masked": n_masked}, A * B, tokens)
+
+    step = train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, log, stop, desc="sft",
+                      extra_state=lambda: {"epoch": counters["samples_seen"] // len(train_set)})
+    if run.rank == 0 and lora and args.merge_lora and step >= args.max_steps:
+        merged = os.path.join(args.out_dir, "merged")
+        write_merged(args, os.path.join(args.out_dir, f"step_{step:06d}"), merged)
+        log0(f"merged: base + adapter as a plain HF folder in {merged}")
+    finish_run(args, run, step)
+    return step
+
+
+def write_merged(args, adapter, out):
+    """--merge_lora: the base model with the adapter merged, saved as a plain HF folder (atomically)."""
+    import shutil
+    m = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, adapter_path=adapter)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+
+
+if __name__ == "__main__":
+    train_adapt.PROG = PROG
+    cli(main)
