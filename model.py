@@ -851,6 +851,19 @@ def commit_top(conf, counts, still):
     return commit & still
 
 
+def apply_commit(x, proposal, conf, counts, still, pending, todo, eos=None):
+    """Commit the `counts[b]` most confident proposals of each row within `still` (a row finished by
+    stop_at_eos keeps its schedule: it commits nothing); they leave `still` and `pending` (in place). With
+    `eos` (stop_at_eos), finished rows are filled (stop_rows_at_eos) and leave `still`. Returns the new x."""
+    commit = commit_top(conf, counts, still)
+    x = torch.where(commit, proposal, x)
+    still &= ~commit
+    pending &= ~commit
+    if eos is not None:
+        still &= ~stop_rows_at_eos(x, todo, pending, eos)
+    return x
+
+
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
                    remasking="low_confidence", threshold=0.9, factor=None, cache="none", cache_refresh=0,
@@ -904,12 +917,7 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                     counts = still.sum(1) if i == block_steps[blk] - 1 else commit_counts(conf, still, threshold, factor)
                 else:
                     counts = schedule[:, i]
-                commit = commit_top(conf, counts, still)   # a row finished by stop_at_eos keeps its schedule: commit nothing
-                x = torch.where(commit, proposal, x)
-                still &= ~commit
-                pending &= ~commit
-                if stop_at_eos:
-                    still &= ~stop_rows_at_eos(x, todo, pending, eos)
+                x = apply_commit(x, proposal, conf, counts, still, pending, todo, eos)
             step += 1
             if callback is not None:
                 callback(step, x)
@@ -992,12 +1000,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
                 a = max(lo - s, 0)
                 logits = head(run(a, hi - s, keep=False), still, a)
                 proposal, conf = propose(x, still, logits, temperature, remasking, generator)
-                commit = commit_top(conf, schedule[:, i], still)
-                x = torch.where(commit, proposal, x)
-                still &= ~commit
-                pending &= ~commit
-                if stop_at_eos:
-                    still &= ~stop_rows_at_eos(x, todo, pending, eos)
+                x = apply_commit(x, proposal, conf, schedule[:, i], still, pending, todo, eos)
             step += 1
             if callback is not None:
                 callback(step, unmask(x))

@@ -42,11 +42,9 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 (greedy; the block sampler in block mode), stopping at EOS; GSM-style answers compare the number after
 '####', others the whole normalised answer. eval_accuracy goes to log.jsonl.
 """
-import json
 import math
 import os
 import random
-import sys
 from contextlib import nullcontext
 
 import torch
@@ -54,7 +52,7 @@ import torch
 import train_adapt
 from train_adapt import (add_run_args, batch_blocks, cli, die, finish_run, flag_error, init_distributed, load_model,
                          log0, make_optimizer, open_log, restore_run, run_main, start_run, train_loop, wrap_model, _Help)
-from model import (ADAPTER_EXTRA, SAMPLERS, DiscreteDiffusionModel, block_inputs, build_inputs, diffusion_loss,
+from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, diffusion_loss,
                    first_line, layout_rows, load_tokenizer, maskable_positions, max_positions, noise_draw,
                    resolve_model_path, sample, start_token_id)
 from eval_zeroshot import EvalError, field, gsm8k_number, normalize_answer, read_records

@@ -1,6 +1,9 @@
 """Tiny random models and a tiny word-level tokenizer, built from configs (no hub, no network)."""
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -60,3 +63,32 @@ def save_tiny_ar(path, arch="llama", with_mask=False, seed=0, **kw):
 @pytest.fixture
 def tiny_dir(tmp_path):
     return save_tiny_ar(tmp_path / "tiny_llama")
+
+
+def kill_then_resume(cmd, args, ref, out, env, wait_for="step_000004"):
+    """The exact-resume check of the training scripts: `cmd + args(ref)` uninterrupted; `cmd + args(out)`
+    killed with a real SIGKILL once its checkpoint `wait_for` exists, then resumed with --resume."""
+    subprocess.run(cmd + args(ref), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + args(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, wait_for)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "final")), "the run finished before it could be killed"
+    subprocess.run(cmd + ["--out_dir", str(out), "--resume"], check=True, env=env, capture_output=True)
+
+
+def torchrun2(script, argv, env):
+    """`torchrun --standalone --nproc_per_node=2` of a script (gloo on CPU); fails with the tail of its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script)] + argv
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def assert_close_weights(a, b):
+    """Two state dicts with the same keys, equal to fp32 DDP round-off."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -2,16 +2,13 @@
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, WORDS, save_tiny_ar, tiny_tokenizer
+from conftest import ROOT, WORDS, assert_close_weights, kill_then_resume, save_tiny_ar, tiny_tokenizer, torchrun2
 
 import train_adapt as ta
 from attention_patch import anneal_ratio
@@ -146,17 +143,8 @@ def test_kill_and_resume(setup):
     """A real SIGKILL in the middle of a run, then --resume: the same curve as an uninterrupted run."""
     def args(out):
         return common(setup, out, "--max_steps", "30", "--save_every", "2", "--eval_every", "10")
-    cmd = [sys.executable, os.path.join(ROOT, "train_adapt.py")]
     ref, out = setup["dir"] / "ref30", setup["dir"] / "killed"
-    subprocess.run(cmd + args(ref), check=True, env=subprocess_env(), capture_output=True)
-    proc = subprocess.Popen(cmd + args(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.exists(out / "step_000004") and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(out / "final"), "the run finished before it could be killed"
-    subprocess.run(cmd + ["--out_dir", str(out), "--resume"], check=True, env=subprocess_env(), capture_output=True)
+    kill_then_resume([sys.executable, os.path.join(ROOT, "train_adapt.py")], args, ref, out, subprocess_env())
     assert train_curve(read_log(out)) == train_curve(read_log(ref))
     a, b = load_weights(out / "final"), load_weights(ref / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -166,15 +154,10 @@ def test_ddp_two_processes_match_one(setup):
     """torchrun --nproc_per_node=2 (gloo) on a global batch of 4 = one process on the same 4 sequences."""
     extra = ["--max_steps", "2", "--grad_accum", "2", "--anneal_steps", "2", "--eval_every", "1"]
     ddp, single = setup["dir"] / "ddp", setup["dir"] / "single"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_adapt.py")] + common(setup, ddp, *extra)
-    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun2("train_adapt.py", common(setup, ddp, *extra), subprocess_env())
     ta.main(common(setup, single, *extra))
     assert os.path.exists(ddp / "final" / "rng_rank1.json")
-    a, b = load_weights(ddp / "final"), load_weights(single / "final")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert_close_weights(load_weights(ddp / "final"), load_weights(single / "final"))
     for x, y in zip(read_log(ddp), read_log(single)):
         for k in ("loss", "unweighted_loss", "val_loss", "grad_norm"):
             if k in x:

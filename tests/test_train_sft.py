@@ -3,32 +3,23 @@ learnt by full / LoRA / block fine-tuning, DDP equivalence, kill + resume, bad i
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, save_tiny_ar, tiny_causal_lm
+from conftest import ROOT, assert_close_weights, kill_then_resume, save_tiny_ar, tiny_causal_lm, torchrun2
 
 import train_sft
 from model import (DiscreteDiffusionModel, block_diffusion_mask, block_inputs, diffusion_loss, generate_block,
-                   layout_rows, maskable_positions, noise_draw, positions_from_mask, propose, commit_top,
+                   layout_rows, maskable_positions, noise_draw, propose, commit_top,
                    transfer_schedule)
-from test_train_adapt import load_weights, read_log, subprocess_env
+from test_train_adapt import load_weights, read_log, single_process, subprocess_env  # noqa: F401 (autouse fixture)
 
 TOY = [("the king", "queen lord"), ("a man", "night day"), ("my love", "thou good"), ("good sir", "well met"),
        ("his lord", "you are"), ("her day", "come now")]
 TOY = [{"instruction": q, "output": a.replace("met", "man")} for q, a in TOY]   # every word in the tiny vocabulary
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +151,6 @@ def reference_block_sampler(m, x, todo, B, steps):
     """generate_block without a cache: every step runs the training forward on [state ; state] (the state's
     earlier blocks are clean) and takes the logits of the current block's masked positions."""
     x = x.clone()
-    L = x.shape[1]
     blocks = sorted(set((todo.nonzero()[:, 1] // B).tolist()))
     per = -(-steps // -(-int(todo.sum()) // B))          # ceil(steps / ceil(gen_len / B)) steps per block
     for blk in blocks:
@@ -313,14 +303,9 @@ def test_ddp_two_processes_match_one(setup):
     extra = ["--max_steps", "3", "--grad_accum", "2", "--loss_norm", "answer_length", "--block_size", "3",
              "--eval_data", setup["data"], "--eval_every", "3", "--eval_batch_size", "2"]
     ddp, single = setup["dir"] / "ddp", setup["dir"] / "single"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_sft.py")] + common(setup, ddp, *extra)
-    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun2("train_sft.py", common(setup, ddp, *extra), subprocess_env())
     train_sft.main(common(setup, single, *extra))
-    a, b = load_weights(ddp / "final"), load_weights(single / "final")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert_close_weights(load_weights(ddp / "final"), load_weights(single / "final"))
     la, lb = read_log(ddp), read_log(single)
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):
@@ -337,17 +322,8 @@ def test_kill_and_resume(setup):
 
     def args(out):
         return common(setup, out, "--max_steps", "24", "--save_every", "2", "--keep_last", "2", *extra)
-    cmd = [sys.executable, os.path.join(ROOT, "train_sft.py")]
     ref, out = setup["dir"] / "ref_killed", setup["dir"] / "killed"
-    subprocess.run(cmd + args(ref), check=True, env=subprocess_env(), capture_output=True)
-    proc = subprocess.Popen(cmd + args(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.exists(out / "step_000004") and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(out / "final"), "the run finished before it could be killed"
-    subprocess.run(cmd + ["--out_dir", str(out), "--resume"], check=True, env=subprocess_env(), capture_output=True)
+    kill_then_resume([sys.executable, os.path.join(ROOT, "train_sft.py")], args, ref, out, subprocess_env())
     assert sft_curve(read_log(out)) == sft_curve(read_log(ref))
     from safetensors.torch import load_file
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (out, ref))
