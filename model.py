@@ -57,6 +57,8 @@ def check_sampler_args(args, error):
         error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
     if getattr(args, "cache", "none") != "none" and args.sampler == "diffullama":
         error("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
+    if getattr(args, "cache", "none") != "none" and args.sampler == "block":
+        error("--cache: the block sampler always caches the finished blocks (exactly): leave --cache none")
     for flag in ("diffusion_steps", "block_length"):
         v = getattr(args, flag)
         if v is not None and v < 1:

@@ -231,6 +231,11 @@ def test_toy_mapping_is_learnt(mode, setup):
     for b, r in enumerate(TOY):
         text = tok.decode(got[b][~batch["src_mask"][b]].tolist(), skip_special_tokens=True)
         assert text.split() == r["output"].split()
+    if mode == "block":   # sample.py picks the block size up from the config
+        import sample as sample_py
+        res = sample_py.main(["--model_name", str(out / "final"), "--sampler", "block", "--gen_len", "4",
+                              "--diffusion_steps", "4", "--stop_at_eos", "--prompt", train_sft.PROMPT.format(TOY[0]["instruction"])])
+        assert res[0]["generation"].split() == TOY[0]["output"].split()
 
 
 # ----------------------------------------------------------------------------- LoRA
