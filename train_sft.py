@@ -181,25 +181,22 @@ def read_pairs(data, flag, n_synthetic, split):
     try:
         return read_records(data), data
     except EvalError as e:
-        die(f"{flag} {e}" if not str(e).startswith(data) else f"{flag}: {e}")
+        die(f"{flag} {e}")
 
 
 def render(tok, rec, path, i, chat_template):
-    """(prompt text, response text) of one record."""
-    try:
-        if "messages" in rec:
-            msgs = rec["messages"]
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-                raise EvalError(f"{path} record {i}: 'messages' must be a list of {{\"role\", \"content\"}}")
-            if msgs[-1]["role"] != "assistant":
-                raise EvalError(f"{path} record {i}: the last message must be the assistant's (the response)")
-            if not getattr(tok, "chat_template", None):
-                raise EvalError(f"{path} record {i}: chat records need a tokenizer with a chat template")
-            prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-            return prompt, msgs[-1]["content"]
-        question, answer = str(field(rec, "instruction", path=path, i=i)), str(field(rec, "output", path=path, i=i))
-    except EvalError as e:
-        die(str(e))
+    """(prompt text, response text) of one record; EvalError naming the record when it is malformed."""
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise EvalError(f"{path} record {i}: 'messages' must be a list of {{\"role\", \"content\"}}")
+        if msgs[-1]["role"] != "assistant":
+            raise EvalError(f"{path} record {i}: the last message must be the assistant's (the response)")
+        if not getattr(tok, "chat_template", None):
+            raise EvalError(f"{path} record {i}: chat records need a tokenizer with a chat template")
+        prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        return prompt, msgs[-1]["content"]
+    question, answer = str(field(rec, "instruction", path=path, i=i)), str(field(rec, "output", path=path, i=i))
     if chat_template:
         if not getattr(tok, "chat_template", None):
             die("--chat_template: the tokenizer has no chat template")
@@ -216,7 +213,10 @@ def encode_pairs(tok, records, path, args, flag):
     limit = args.pad_to or args.seq_len
     out = []
     for i, rec in enumerate(records, 1):
-        prompt, response = render(tok, rec, path, i, args.chat_template)
+        try:
+            prompt, response = render(tok, rec, path, i, args.chat_template)
+        except EvalError as e:
+            die(f"{flag} {e}")
         p = tok.encode(prompt, add_special_tokens=False)
         if start is not None and (not p or p[0] != start):
             p = [start] + p

@@ -300,6 +300,22 @@ def test_missing_field_named(setup, tmp_path):
         train_sft.main(common(setup, tmp_path / "out", "--max_steps", "1") + ["--data", str(chat)])
 
 
+def test_chat_records_and_chat_template():
+    """A chat record: the prompt is the template up to and including the generation prompt, the response the
+    last (assistant) message; --chat_template renders a pair as one user turn."""
+    from conftest import tiny_tokenizer
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    rec = {"messages": [{"role": "user", "content": "the king"}, {"role": "assistant", "content": "queen lord"}]}
+    assert train_sft.render(tok, rec, "f.jsonl", 1, False) == ("user the king assistant", "queen lord")
+    pair = {"instruction": "the king", "output": "queen lord"}
+    assert train_sft.render(tok, pair, "f.jsonl", 1, True) == ("user the king assistant", "queen lord")
+    assert train_sft.render(tok, pair, "f.jsonl", 1, False) == ("Question: the king\nAnswer:", " queen lord")
+    with pytest.raises(train_sft.EvalError, match="f.jsonl record 3: the last message must be the assistant's"):
+        train_sft.render(tok, {"messages": rec["messages"][:1]}, "f.jsonl", 3, False)
+
+
 # ----------------------------------------------------------------------------- DDP and resume
 
 def test_ddp_two_processes_match_one(setup):
