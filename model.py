@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention_patch import anneal_attention_mask, make_bidirectional, resolve_attn_implementation
+from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, make_bidirectional,
+                             resolve_attn_implementation)
 
 NEW_MASK_TOKEN = "<|mdm_mask|>"
 EMBEDDED_MODEL = "smollm2-135m"
@@ -352,20 +353,34 @@ class DiscreteDiffusionModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
-    def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None):
+    def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None,
+                position_ids=None, output_mask=None, sp_group=None):
         """Logits under bidirectional attention (or annealed: causal OR Bernoulli(attn_mask_ratio)).
         attention_mask [B, L]: 1 = real token (left padding allowed; positions follow the real tokens).
         Without target_mask: raw logits [B, L, V] (with shift, row i predicts token i+1).
         With target_mask [B, L] (bool): only the logits that predict those positions, [N, V] in row-major
-        order. Training uses this: the LM head runs on masked positions only."""
+        order. Training uses this: the LM head runs on masked positions only.
+        Sequence parallelism (attn_implementation "ring", see sequence_parallel_loss): input_ids is this
+        rank's chunk, position_ids its global positions, sp_group the group the sequence is split over,
+        and output_mask [B, n] (bool) the rows whose logits to return, already shifted."""
         B, L = input_ids.shape
-        position_ids = None if attention_mask is None else positions_from_mask(attention_mask)
-        if attn_mask_ratio < 1.0:
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
+        extra = {}
+        if self.config._attn_implementation == RING:   # the kernel builds its blocks of the mask itself
+            extra["sp_group"] = sp_group
+            if attn_mask_ratio < 1.0:
+                extra["anneal"] = (draw_mask_seed(generator, input_ids.device), attn_mask_ratio)
+        elif sp_group is not None:
+            raise ValueError("sequence parallelism needs attn_implementation='ring'")
+        elif attn_mask_ratio < 1.0:
             attention_mask = anneal_attention_mask(L, attn_mask_ratio, attention_mask, B, self.config._attn_implementation,
                                                    self.dtype, input_ids.device, generator)
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                          use_cache=False, is_causal=False).last_hidden_state
-        if target_mask is not None:
+                                          use_cache=False, is_causal=False, **extra).last_hidden_state
+        if output_mask is not None:
+            hidden = hidden[output_mask]
+        elif target_mask is not None:
             if self.shift and target_mask[:, 0].any():
                 raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
             hidden = hidden[:, :-1][target_mask[:, 1:]] if self.shift else hidden[target_mask]
@@ -412,17 +427,88 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
     return input_ids.masked_fill(masked, mask_token_id), masked, t
 
 
-def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None):
+def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
+                   sp_group=None):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
-    also the unweighted mean CE. `model` may be wrapped in DDP (its forward is called). Returns
-    (loss, unweighted_loss, n_masked)."""
+    also the unweighted mean CE. `model` may be wrapped in DDP or FSDP (its forward is called). Returns
+    (loss, unweighted_loss, n_masked). With sp_group (sequence parallelism: the model runs ring
+    attention, every rank of the group passes the same whole rows), this rank scores its own chunk only
+    (sequence_parallel_loss): loss * n summed over the group, divided by the summed n, is the loss."""
+    if sp_group is not None:
+        return sequence_parallel_loss(model, input_ids, xt, masked, t, sp_group, attention_mask, attn_mask_ratio,
+                                      generator)
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
                    target_mask=masked)
-    ce = F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
     weight = (1.0 / t)[:, None].expand_as(masked)[masked]
-    n = masked.sum()
+    return _weighted_ce(logits, input_ids[masked], weight, masked.sum())
+
+
+def _weighted_ce(logits, targets, weight, n):
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
     denom = n.clamp(min=1)
     return (ce * weight).sum() / denom, ce.sum() / denom, n
+
+
+# -----------------------------------------------------------------------------
+# sequence parallelism: one sequence split over the ranks of a group (ring attention in attention_patch.py)
+
+def sp_rank_size(group):
+    """(rank, size) of this process in the sequence-parallel group."""
+    import torch.distributed as dist
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sequence_chunk(x, rank, size, dim=1):
+    """The contiguous chunk `rank` of `size` equal chunks of x along `dim` (the sequence)."""
+    n = x.shape[dim]
+    if n % size:
+        raise ValueError(f"sequence parallelism: a length of {n} does not split into {size} equal chunks "
+                         f"(--seq_len must be a multiple of --sp_size)")
+    return x.narrow(dim, rank * (n // size), n // size)
+
+
+def sequence_positions(input_ids, attention_mask=None):
+    """Global position ids of whole rows, computed before the split (left padding: positions follow the real tokens)."""
+    if attention_mask is not None:
+        return positions_from_mask(attention_mask)
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+
+def shifted_targets(input_ids, masked, shift=True):
+    """Per position of whole rows: is its output scored, and which token does it predict. With shift,
+    output i predicts token i+1, so the last position of a chunk predicts the first token of the next
+    chunk: computed before the sequence is split. Returns (scored [B, L] bool, target [B, L])."""
+    if not shift:
+        return masked, input_ids
+    scored, target = torch.zeros_like(masked), torch.zeros_like(input_ids)
+    scored[:, :-1], target[:, :-1] = masked[:, 1:], input_ids[:, 1:]
+    return scored, target
+
+
+def sequence_parallel_loss(model, input_ids, xt, masked, t, group, attention_mask=None, attn_mask_ratio=1.0,
+                           generator=None):
+    """diffusion_loss of whole rows split over `group` (every rank passes the same rows): this rank runs
+    its chunk with its global positions through the ring-attention model and scores the outputs of its
+    chunk. Returns (loss, unweighted_loss, n) of the chunk, n = its scored tokens; reduce_loss gives the
+    loss of the whole rows, equal to the single-process one. Every rank draws the same annealing seed."""
+    rank, size = sp_rank_size(group)
+    shift = getattr(model, "module", model).shift      # through a DDP wrapper
+    scored, target = shifted_targets(input_ids, masked, shift)
+    chunk = lambda x: None if x is None else sequence_chunk(x, rank, size)
+    keep = chunk(scored)
+    logits = model(chunk(xt), attention_mask=chunk(attention_mask), attn_mask_ratio=attn_mask_ratio,
+                   generator=generator, position_ids=chunk(sequence_positions(xt, attention_mask)), output_mask=keep,
+                   sp_group=group)
+    weight = chunk((1.0 / t)[:, None].expand_as(masked))[keep]
+    return _weighted_ce(logits, chunk(target)[keep], weight, keep.sum())
+
+
+def reduce_loss(loss, n, group=None):
+    """The mean over a group of per-rank (loss, n) pairs, weighted by n: the loss of the whole rows."""
+    import torch.distributed as dist
+    sums = torch.stack([loss.detach().double() * n, n.double()])
+    dist.all_reduce(sums, group=group)
+    return sums[0] / sums[1].clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
