@@ -46,6 +46,10 @@ if none is intact. A failed save (disk full) removes its temporary folder and ke
 checkpoint and `latest` (--save_retries N retries it). SIGTERM, SIGUSR1 (SLURM's warning, sbatch
 --signal=USR1@120) and a first Ctrl-C finish the step, write a checkpoint and exit; all DDP ranks stop
 at the same step.
+
+The run machinery (flags in add_run_args, start_run, init_distributed, load_model, wrap_model,
+make_optimizer, restore_run, open_log, train_loop with a task's step_fn, finish_run, checkpoints) is
+imported by train_sft.py: both scripts run, save and resume the same way.
 """
 import argparse
 import glob
@@ -81,21 +85,24 @@ FIXED_ON_RESUME = ("model_name", "data", "text_field", "seq_len", "batch_size", 
                    "val_fraction", "eval_batches")
 
 
+PROG = "train_adapt.py"   # the script named in error lines; train_sft.py, which shares this machinery, sets its own
+
+
 def die(msg):
-    raise SystemExit(f"train_adapt.py: error: {msg}")
+    raise SystemExit(f"{PROG}: error: {msg}")
 
 
 def flag_error(msg):
     """A bad flag: one line on stderr and exit status 2, as argparse's own errors (raised before any loading)."""
-    print(f"train_adapt.py: error: {msg}", file=sys.stderr, flush=True)
-    e = SystemExit(f"train_adapt.py: error: {msg}")
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+    e = SystemExit(f"{PROG}: error: {msg}")
     e.code = 2
     raise e
 
 
 def warn0(msg):
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train_adapt.py: {msg}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
 def log0(*a):
@@ -113,24 +120,21 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="train_adapt.py", formatter_class=_Help,
-                                description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).")
+def add_run_args(p, out_dir="out/adapt", lr=1e-4, min_lr=1e-5, warmup_steps=20, max_steps=1000, batch_size=8,
+                 eval_every=50, save_every=200):
+    """The flags of every training run (train_adapt.py and train_sft.py): model, schedule, batch, precision,
+    checkpoints, resume. Each script adds its own data and loss flags beside them."""
     a = p.add_argument
-    a("--model_name", default=EMBEDDED_MODEL, help="AR model to adapt: a folder, a hub id, or smollm2-135m (embedded)")
-    a("--data", default=SHAKESPEARE, help="text/.json/.jsonl/.bin file or a folder of them; 'shakespeare' = embedded corpus")
-    a("--text_field", default="text", help="field holding the text in .json/.jsonl records")
-    a("--seq_len", type=int, default=256, help="tokens per packed training sequence")
-    a("--batch_size", type=int, default=8, help="GLOBAL sequences per micro-step, over all ranks (must divide by world size)")
+    a("--model_name", default=EMBEDDED_MODEL, help="model to start from: a folder, a hub id, or smollm2-135m (embedded)")
+    a("--batch_size", type=int, default=batch_size, help="GLOBAL sequences per micro-step, over all ranks (must divide by world size)")
     a("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--lr", type=float, default=1e-4, help="peak learning rate")
-    a("--min_lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    a("--warmup_steps", type=int, default=20, help="linear warm-up steps")
-    a("--max_steps", type=int, default=1000, help="optimizer steps to train to")
+    a("--lr", type=float, default=lr, help="peak learning rate")
+    a("--min_lr", type=float, default=min_lr, help="learning rate at the end of the cosine decay")
+    a("--warmup_steps", type=int, default=warmup_steps, help="linear warm-up steps")
+    a("--max_steps", type=int, default=max_steps, help="optimizer steps to train to")
     a("--lr_decay_steps", type=int, default=None, help="cosine decay length (default: --max_steps); min_lr after it")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     a("--grad_clip", type=float, default=1.0, help="clip the global grad norm to this (0 = off)")
-    a("--anneal_steps", type=int, default=100, help="steps to anneal attention causal -> bidirectional (0 = bidirectional from the start)")
     a("--shift", dest="shift", action="store_true", default=True, help="output i predicts token i+1, the AR convention (the default)")
     a("--no_shift", "--no-shift", dest="shift", action="store_false", help="output i predicts token i")
     a("--mask_token_id", type=int, default=None, help="reuse this id as [MASK] (default: the tokenizer's mask token, else a new token)")
@@ -139,14 +143,12 @@ def build_parser():
     a("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--compile", action="store_true", help="torch.compile the transformer body")
     a("--seed", type=int, default=1337, help="data order, noise and dropout seed")
-    a("--eval_every", type=int, default=50, help="validation every N steps (0 = never)")
-    a("--eval_batches", type=int, default=8, help="validation size, in --batch_size batches")
-    a("--val_fraction", type=float, default=0.05, help="held-out fraction of the blocks (0 = no validation)")
-    a("--save_every", type=int, default=200, help="checkpoint every N steps (0 = only at the end)")
+    a("--eval_every", type=int, default=eval_every, help="evaluation every N steps (0 = never)")
+    a("--save_every", type=int, default=save_every, help="checkpoint every N steps (0 = only at the end)")
     a("--keep_last", type=int, default=2, help="keep the newest N checkpoints (0 = all)")
     a("--save_retries", type=int, default=0, help="retry a checkpoint write that failed (disk full, I/O error) N times")
     a("--save_retry_wait", type=float, default=60.0, help="seconds to wait before each retry of a failed checkpoint write")
-    a("--out_dir", default="out/adapt", help="checkpoints and log.jsonl go here")
+    a("--out_dir", default=out_dir, help="checkpoints and log.jsonl go here")
     a("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
     a("--overwrite", action="store_true", help="replace a previous run in --out_dir (only our own files; refuses if others exist)")
     a("--wandb", nargs="?", const="dlm-adapt", default=None, metavar="PROJECT", help="log to Weights & Biases (if installed)")
@@ -155,25 +157,39 @@ def build_parser():
     return p
 
 
-def explicit_flags(argv):
+def build_parser():
+    p = argparse.ArgumentParser(prog="train_adapt.py", formatter_class=_Help,
+                                description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).")
+    add_run_args(p)
+    a = p.add_argument
+    a("--data", default=SHAKESPEARE, help="text/.json/.jsonl/.bin file or a folder of them; 'shakespeare' = embedded corpus")
+    a("--text_field", default="text", help="field holding the text in .json/.jsonl records")
+    a("--seq_len", type=int, default=256, help="tokens per packed training sequence")
+    a("--anneal_steps", type=int, default=100, help="steps to anneal attention causal -> bidirectional (0 = bidirectional from the start)")
+    a("--eval_batches", type=int, default=8, help="validation size, in --batch_size batches")
+    a("--val_fraction", type=float, default=0.05, help="held-out fraction of the blocks (0 = no validation)")
+    return p
+
+
+def explicit_flags(parser, argv):
     """The dests the user gave on the command line (to merge them over a resumed run's settings)."""
-    p = build_parser()
-    for action in p._actions:
+    for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)).keys())
+    return set(vars(parser.parse_args(argv)).keys())
 
 
 def validate_args(args, world_size):
-    """Every flag's range, before anything is loaded or written (exit status 2, one line naming the flag)."""
+    """Every flag's range, before anything is loaded or written (exit status 2, one line naming the flag).
+    Flags a script does not have are skipped."""
+    def has(flag):
+        return getattr(args, flag, None) is not None
     for flag in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "lr_decay_steps"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            flag_error(f"--{flag} must be >= 1, got {v}")
+        if has(flag) and getattr(args, flag) < 1:
+            flag_error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     for flag in ("warmup_steps", "anneal_steps", "eval_every", "save_every", "keep_last", "save_retries",
                  "mask_token_id"):
-        v = getattr(args, flag, 0)
-        if v is not None and v < 0:
-            flag_error(f"--{flag} must be >= 0, got {v}")
+        if has(flag) and getattr(args, flag) < 0:
+            flag_error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     for flag, low, strict in (("lr", 0.0, True), ("min_lr", 0.0, False), ("weight_decay", 0.0, False),
                               ("grad_clip", 0.0, False), ("save_retry_wait", 0.0, False)):
         v = getattr(args, flag, 0.0)
@@ -181,13 +197,13 @@ def validate_args(args, world_size):
             flag_error(f"--{flag} must be {'>' if strict else '>='} {low:g} and finite, got {v}")
     if args.min_lr > args.lr:
         flag_error(f"--min_lr {args.min_lr} must not exceed --lr {args.lr}")
-    if not 0.0 <= args.val_fraction < 1.0:
+    if has("val_fraction") and not 0.0 <= args.val_fraction < 1.0:
         flag_error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-    if args.seq_len < 2:
+    if has("seq_len") and args.seq_len < 2:
         flag_error(f"--seq_len must be >= 2, got {args.seq_len}")
     if not 0 <= args.seed < 2**32 - 2**16:
         flag_error(f"--seed must be in [0, {2**32 - 2**16}), got {args.seed}")
-    if not args.text_field:
+    if hasattr(args, "text_field") and not args.text_field:
         flag_error("--text_field must not be empty")
     if args.batch_size % world_size:
         flag_error(f"--batch_size {args.batch_size} is the global batch and must divide over the {world_size} ranks "
@@ -344,7 +360,7 @@ def check_out_dir(args):
             f"or choose another folder")
     foreign = [n for n in entries if not is_ours(out, n)]
     if foreign:
-        die(f"--overwrite: --out_dir {out} holds files train_adapt.py did not write ({', '.join(foreign[:5])}"
+        die(f"--overwrite: --out_dir {out} holds files {PROG} did not write ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}); refusing to delete them - remove them or choose another folder")
     return None
 
@@ -814,7 +830,7 @@ def install_stop_handlers(stop):
             raise KeyboardInterrupt  # the second Ctrl-C (torchrun's copy of the first one comes within a second)
         if "signal" not in stop:
             stop.update(signal=name, at=time.monotonic())
-            log0(f"train_adapt.py: {name}: finishing step, then writing a checkpoint and stopping"
+            log0(f"{PROG}: {name}: finishing step, then writing a checkpoint and stopping"
                  + (" (Ctrl-C again to stop at once)" if name == "SIGINT" else ""))
     previous = {}
     for name in STOP_SIGNALS:
@@ -831,38 +847,31 @@ def restore_handlers(previous):
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    """Train (see the top of this file); returns the step reached. SIGTERM, SIGUSR1 and a first Ctrl-C stop the
-    run at the next step boundary with a checkpoint (install_stop_handlers); the handlers are undone at the end."""
-    stop = {}
-    previous = install_stop_handlers(stop)
-    try:
-        return train(sys.argv[1:] if argv is None else argv, stop)
-    finally:
-        restore_handlers(previous)
+# -----------------------------------------------------------------------------
+# the run machinery, shared with train_sft.py: set-up, model, optimizer, log, the loop, the end
 
-
-def train(argv, stop):
-    args = build_parser().parse_args(argv)
+def start_run(parser, argv, fixed_on_resume):
+    """Parse and check the flags, find the checkpoint to resume (its saved settings under the flags given
+    now; those in `fixed_on_resume` must not change), pick device, dtype and attention. Reads only: nothing
+    is written yet. Returns (args, run); `run` carries rank, world_size, device, autocast, ckpt, saved, ..."""
+    from types import SimpleNamespace
+    args = parser.parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    ddp = world_size > 1
     for k in ("data", "model_name"):  # paths are kept absolute, so a run resumes from any folder
-        if os.path.exists(getattr(args, k)):
+        if isinstance(getattr(args, k, None), str) and os.path.exists(getattr(args, k)):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     validate_args(args, world_size)
-
-    # resume: the saved settings, with the flags given now on top (those defining the run must not change)
     ckpt = check_out_dir(args)
     saved = None
     if ckpt is not None:
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             saved = json.load(f)
-        given = explicit_flags(argv)
+        given = explicit_flags(parser, argv)
         for k, v in saved["args"].items():
             if k in ("resume", "overwrite", "out_dir") or not hasattr(args, k):
                 continue
-            if k in given and k in FIXED_ON_RESUME and getattr(args, k) != v:
+            if k in given and k in fixed_on_resume and getattr(args, k) != v:
                 die(f"--{k} {getattr(args, k)} differs from the run being resumed ({v}); resume with the same "
                     f"setting or start a new --out_dir")
             if k not in given:
@@ -873,25 +882,269 @@ def train(argv, stop):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # keep one progress bar: ours
 
-    # device, dtype, attention
     args_device = args.device or default_device()
     if args_device.startswith("cuda"):
         if not torch.cuda.is_available():
             die(f"--device {args_device}: CUDA is not available")
-        device = f"cuda:{local_rank}" if ddp else args_device
+        device = f"cuda:{local_rank}" if world_size > 1 else args_device
         torch.cuda.set_device(device)
     else:
         device = args_device
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = args.dtype or default_dtype(device)
-    weight_dtype = torch.bfloat16 if dtype == "bf16-weights" else torch.float32
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
     try:
         attn = resolve_attn_implementation(args.attn_implementation, device)
     except ValueError as e:
         die(str(e))
-    if attn == "flash_attention_2" and args.anneal_steps > 0:
+    if attn == "flash_attention_2" and getattr(args, "anneal_steps", 0) > 0:
         die("--attn_implementation flash_attention_2 cannot anneal the attention mask: use sdpa or eager, or --anneal_steps 0")
+    run = SimpleNamespace(
+        rank=rank, world_size=world_size, local_rank=local_rank, ddp=world_size > 1, device=device,
+        device_type=device_type, attn=attn, ckpt=ckpt, saved=saved,
+        weight_dtype=torch.bfloat16 if dtype == "bf16-weights" else torch.float32,
+        autocast=torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext(),
+        noise=None, model=None, logf=None, wandb=None)
+    return args, run
+
+
+def init_distributed(args, run):
+    """Join the process group (DDP), prepare --out_dir on rank 0 (--overwrite clears our own files; a resumed
+    run is no longer `final`) and write args.json. Called after the data is ready."""
+    if run.ddp:
+        import torch.distributed as dist
+        from datetime import timedelta
+        dist.init_process_group("nccl" if run.device_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+    if run.rank == 0:
+        if args.overwrite and os.path.isdir(args.out_dir):
+            clear_ours(args.out_dir)
+        os.makedirs(args.out_dir, exist_ok=True)
+        if run.ckpt is not None and os.path.islink(os.path.join(args.out_dir, "final")):
+            os.remove(os.path.join(args.out_dir, "final"))  # the run goes on: no longer final
+        write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))
+    if run.ddp:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def load_model(args, run):
+    """The diffusion model to train: the checkpoint being resumed, else --model_name (a causal LM gets a
+    [MASK] token and the --shift convention). Seeds every RNG first (per rank)."""
+    torch.manual_seed(args.seed + run.rank)
+    np.random.seed(args.seed + run.rank)
+    random.seed(args.seed + run.rank)
+    try:
+        if run.ckpt is not None:
+            raw = DiscreteDiffusionModel.from_pretrained(run.ckpt, dtype=run.weight_dtype, attn_implementation=run.attn,
+                                                         device=run.device)
+        else:
+            raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, shift=args.shift,
+                                                         dtype=run.weight_dtype, attn_implementation=run.attn,
+                                                         device=run.device)
+    except (OSError, ValueError) as e:
+        die(f"--model_name {args.model_name}: {first_line(e)}")
+    raw.train()
+    return raw
+
+
+def wrap_model(raw, args, run):
+    """Gradient checkpointing, torch.compile and the DDP wrapper, as the flags say. The wrapper is kept in
+    run.model (and only there: finish_run drops it before the process group goes)."""
+    if args.grad_checkpointing:
+        if hasattr(raw.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            raw.model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            raw.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        raw.model.get_decoder().compile()
+    run.model = raw
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        run.model = DDP(raw, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+
+
+def make_optimizer(raw, args, run):
+    """AdamW over the trainable parameters, weight decay on matrices only. Returns (optimizer, params)."""
+    params = [p for p in raw.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # fused: one kernel over all tensors (on CPU ~8x faster than the foreach default for SmolLM2-135M)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=run.device_type in ("cuda", "cpu"))
+    return optimizer, params
+
+
+def restore_run(args, run, optimizer):
+    """The noise generator (identical on every rank: t, masks and annealing masks are drawn for the global
+    batch) in run.noise, and the counters; on resume, the optimizer, counters, noise and this rank's RNGs of
+    the checkpoint. Returns the counters {"step", "samples_seen", "tokens_seen"}."""
+    run.noise = torch.Generator(device=run.device).manual_seed(args.seed)
+    counters = {"step": 0, "samples_seen": 0, "tokens_seen": 0}
+    if run.saved is not None:
+        load_optimizer(optimizer, run.ckpt)
+        counters = {k: run.saved[k] for k in counters}
+        run.noise.set_state(torch.tensor(run.saved["noise_rng"], dtype=torch.uint8))
+        rng_file = os.path.join(run.ckpt, f"rng_rank{run.rank}.json")
+        if os.path.exists(rng_file):
+            with open(rng_file) as f:
+                set_rng_state(json.load(f))
+        log0(f"resumed from {run.ckpt} at step {counters['step']}")
+    return counters
+
+
+def open_log(args, run, step):
+    """<out_dir>/log.jsonl on rank 0 (on resume, what was logged after the checkpoint is dropped: those steps
+    are redone) and W&B when asked. Returns log(record)."""
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if run.rank == 0:
+        lines = []
+        if run.saved is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_atomic(log_path, "".join(lines))
+        run.logf = open(log_path, "a")
+        if args.wandb:
+            try:
+                import wandb
+                run.wandb = wandb.init(project=args.wandb, config=vars(args), resume="allow")
+            except ImportError:
+                print("--wandb: wandb is not installed; logging to log.jsonl only", flush=True)
+
+    def log(rec):
+        if run.rank != 0:
+            return
+        run.logf.write(json.dumps(rec) + "\n")
+        run.logf.flush()
+        if run.wandb is not None:
+            run.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+    return log
+
+
+def train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, log, stop, desc, extra_state=dict):
+    """The optimizer steps from counters["step"] to --max_steps. Each step: the learning rate, then
+    step_fn(step) (forward and backward of the step's micro-batches; returns (record, samples, tokens), the
+    record's values already reduced over ranks), clipping, the optimizer step, evaluate() every
+    --eval_every steps (a dict of values, or None without evaluation), the log record, tqdm, checkpoints
+    (every --save_every, at the end, and when a stop signal came: every DDP rank stops at the same step).
+    extra_state() adds to trainer_state.json. Returns the step reached."""
+    import torch.distributed as dist
+
+    def state_dict():
+        return {**counters, **extra_state(), "world_size": run.world_size, "mask_token_id": raw.mask_token_id,
+                "noise_rng": run.noise.get_state().tolist(), "args": vars(args)}
+
+    def show(rec):
+        return ", ".join(f"{k} {v:.4f}" for k, v in rec.items())
+
+    from tqdm import tqdm
+    step = counters["step"]
+    bar = tqdm(total=args.max_steps, initial=step, disable=run.rank != 0, desc=desc, dynamic_ncols=True)
+    if step >= args.max_steps:
+        log0(f"--max_steps {args.max_steps}: the run in {args.out_dir} is already at step {step}, nothing to do")
+    last_val = None
+    if step == 0 and args.eval_every > 0 and (val := evaluate()):
+        last_val = next(iter(val.values()))
+        log({"step": 0, **val})
+        log0(f"step 0: {show(val)}")
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rec, samples, tokens = step_fn(step)
+        if args.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        counters.update(step=step, samples_seen=counters["samples_seen"] + samples,
+                        tokens_seen=counters["tokens_seen"] + tokens)
+        dt = time.perf_counter() - t0
+        rec = {"step": step, **rec, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens / dt}
+        if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps) and (val := evaluate()):
+            rec.update(val)
+            last_val = next(iter(val.values()))
+        log(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-",
+                        lr=f"{lr:.1e}", **({"ratio": f"{rec['anneal_ratio']:.2f}"} if "anneal_ratio" in rec else {}),
+                        refresh=False)
+        why = stop.get("signal")
+        if run.ddp:  # every rank stops at the same step, whichever ranks got the signal
+            flag = torch.tensor([STOP_SIGNALS.index(why) + 1 if why else 0], dtype=torch.float32, device=run.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            why = STOP_SIGNALS[int(flag.item()) - 1] if flag.item() > 0 else None
+        stop_now = why is not None
+        if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stop_now:
+            try:
+                save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, run.rank,
+                                run.world_size, args.save_retries, args.save_retry_wait)
+            except SystemExit:
+                bar.close()   # the error line comes last
+                raise
+        if stop_now and step < args.max_steps:
+            log({"step": step, "stopped": why})
+            bar.close()
+            log0(f"{PROG}: {why}: stopped after step {step} with checkpoint {args.out_dir}/step_{step:06d}; "
+                 f"continue with: python {PROG} --out_dir {args.out_dir} --resume")
+            break
+    bar.close()
+    return step
+
+
+def finish_run(args, run, step):
+    """`final` -> the last checkpoint of a finished run, close the log, leave the process group."""
+    if run.rank == 0 and step >= args.max_steps:
+        final = os.path.join(args.out_dir, "final")
+        if os.path.islink(final):
+            os.remove(final)
+        os.symlink(f"step_{step:06d}", final)
+        log0(f"done: {args.out_dir}/final -> step_{step:06d}")
+    if run.logf is not None:
+        run.logf.close()
+    if run.wandb is not None:
+        run.wandb.finish()
+    if run.ddp:
+        import torch.distributed as dist
+        # the DDP wrapper (its reducer holds the process group) goes first, while the group is alive: freed
+        # after destroy_process_group, it can deadlock in gloo's teardown
+        run.model = None
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_main(train_fn, argv=None):
+    """train_fn(argv, stop) under the stop handlers: SIGTERM, SIGUSR1 and a first Ctrl-C stop the run at the
+    next step boundary with a checkpoint (install_stop_handlers); the handlers are undone at the end."""
+    stop = {}
+    previous = install_stop_handlers(stop)
+    try:
+        return train_fn(sys.argv[1:] if argv is None else argv, stop)
+    finally:
+        restore_handlers(previous)
+
+
+def cli(main_fn):
+    """The script entry point: a second Ctrl-C ends with one line, not a traceback."""
+    try:
+        main_fn()
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (no checkpoint for the current step; --resume continues from the last one)",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# adaptation
+
+def main(argv=None):
+    """Train (see the top of this file); returns the step reached."""
+    return run_main(train, argv)
+
+
+def train(argv, stop):
+    args, run = start_run(build_parser(), argv, FIXED_ON_RESUME)
 
     # the base model: its positions bound --seq_len; its tokenizer (before [MASK] is added) tokenises the data
     try:
@@ -911,90 +1164,21 @@ def train(argv, stop):
     # data (one tokenising process per node; the others wait for its cache)
     try:
         train_blocks, val_blocks, dinfo = prepare_data(args.data, tok, args.text_field, args.seq_len, args.val_fraction,
-                                                       token_cache_root(args.out_dir), writer=local_rank == 0,
-                                                       show=rank == 0)
+                                                       token_cache_root(args.out_dir), writer=run.local_rank == 0,
+                                                       show=run.rank == 0)
     except OSError as e:   # a file that cannot be read (permissions, I/O error), or a token cache that cannot be written
         die(f"--data {args.data}: {first_line(e)}")
     log0(f"data: {dinfo.get('n_tokens')} tokens, {len(train_blocks)} train / {len(val_blocks) if val_blocks else 0} "
          f"val blocks of {args.seq_len}" + (f" (cache {dinfo['cache']})" if "cache" in dinfo else ""))
 
-    if ddp:
-        import torch.distributed as dist
-        from datetime import timedelta
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
-    if rank == 0:
-        if args.overwrite and os.path.isdir(args.out_dir):
-            clear_ours(args.out_dir)
-        os.makedirs(args.out_dir, exist_ok=True)
-        if ckpt is not None and os.path.islink(os.path.join(args.out_dir, "final")):
-            os.remove(os.path.join(args.out_dir, "final"))  # the run goes on: no longer final
-        write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))
-    if ddp:
-        dist.barrier()
-
-    # model
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    try:
-        if ckpt is not None:
-            raw = DiscreteDiffusionModel.from_pretrained(ckpt, dtype=weight_dtype, attn_implementation=attn, device=device)
-        else:
-            raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, shift=args.shift,
-                                                         dtype=weight_dtype, attn_implementation=attn, device=device)
-    except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {first_line(e)}")
+    init_distributed(args, run)
+    raw = load_model(args, run)
     mask_id = raw.mask_token_id
-    raw.train()
-    if args.grad_checkpointing:
-        if hasattr(raw.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            raw.model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            raw.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.compile:
-        raw.model.get_decoder().compile()
-    model = raw
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(raw, device_ids=[local_rank] if device_type == "cuda" else None)
-
-    # optimizer: AdamW, weight decay on matrices only
-    params = [p for p in raw.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # fused: one kernel over all tensors (on CPU ~8x faster than the foreach default for SmolLM2-135M)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=device_type in ("cuda", "cpu"))
-
-    # noise: one generator, identical on every rank, draws t / masks / annealing masks for the global batch
-    noise = torch.Generator(device=device).manual_seed(args.seed)
-    step, samples_seen, tokens_seen = 0, 0, 0
-    if saved is not None:
-        load_optimizer(optimizer, ckpt)
-        step, samples_seen, tokens_seen = saved["step"], saved["samples_seen"], saved["tokens_seen"]
-        noise.set_state(torch.tensor(saved["noise_rng"], dtype=torch.uint8))
-        rng_file = os.path.join(ckpt, f"rng_rank{rank}.json")
-        if os.path.exists(rng_file):
-            with open(rng_file) as f:
-                set_rng_state(json.load(f))
-        log0(f"resumed from {ckpt} at step {step}")
-
-    # the log: on resume, drop what was logged after the checkpoint (those steps are redone)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if rank == 0:
-        lines = []
-        if saved is not None and os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        write_atomic(log_path, "".join(lines))
-    logf = open(log_path, "a") if rank == 0 else None
-    run = None
-    if args.wandb and rank == 0:
-        try:
-            import wandb
-            run = wandb.init(project=args.wandb, config=vars(args), resume="allow")
-        except ImportError:
-            print("--wandb: wandb is not installed; logging to log.jsonl only", flush=True)
+    wrap_model(raw, args, run)
+    optimizer, params = make_optimizer(raw, args, run)
+    counters = restore_run(args, run, optimizer)
+    log = open_log(args, run, counters["step"])
+    rank, world_size, device, noise = run.rank, run.world_size, run.device, run.noise
 
     # fixed validation noise: the same t and masks at every evaluation
     val_rows, val_t, val_masked = [], None, None
@@ -1010,6 +1194,8 @@ def train(argv, stop):
 
     @torch.no_grad()
     def evaluate():
+        if not val_rows:
+            return None
         raw.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         rows = val_rows[rank::world_size]
@@ -1017,129 +1203,47 @@ def train(argv, stop):
             r = rows[i:i + per_rank]
             x = val_blocks.get(r).to(device)
             masked, t = val_masked[r].to(device), val_t[r].to(device)
-            with autocast:
+            with run.autocast:
                 loss, unweighted, n = diffusion_loss(raw, x, x.masked_fill(masked, mask_id), masked, t)
             sums += torch.stack([loss.double() * n, unweighted.double() * n, n.double()])
-        if ddp:
-            dist.all_reduce(sums)
+        if run.ddp:
+            torch.distributed.all_reduce(sums)
         raw.train()
         n = sums[2].clamp(min=1)
-        return (sums[0] / n).item(), (sums[1] / n).item()
-
-    def log(rec):
-        if rank != 0:
-            return
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        if run is not None:
-            run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
-
-    def state_dict():
-        return {"step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
-                "epoch": samples_seen // len(train_blocks), "world_size": world_size, "mask_token_id": mask_id,
-                "noise_rng": noise.get_state().tolist(), "args": vars(args)}
-
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="adapt", dynamic_ncols=True)
-    if step >= args.max_steps:
-        log0(f"--max_steps {args.max_steps}: the run in {args.out_dir} is already at step {step}, nothing to do")
-    last_val = None
-    if step == 0 and val_rows:
-        vl, vu = evaluate()
-        last_val = vl
-        log({"step": 0, "val_loss": vl, "val_unweighted_loss": vu})
-        log0(f"step 0: val loss {vl:.4f} (unweighted {vu:.4f})")
+        return {"val_loss": (sums[0] / n).item(), "val_unweighted_loss": (sums[1] / n).item()}
 
     L, B, A = args.seq_len, args.batch_size, args.grad_accum
     maskable = maskable_positions(torch.zeros(B, L, dtype=torch.long, device=device), shift=raw.shift)
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def step_fn(step):
         ratio = anneal_ratio(step, args.anneal_steps)
         # the whole step's noise first: the loss is normalised by the masked tokens of the whole step
-        micro = []
+        micro, seen = [], counters["samples_seen"]
         for k in range(A):
             masked_g, t_g = noise_draw(maskable, noise)
-            micro.append((samples_seen + k * B, masked_g[mine], t_g[mine], masked_g.sum()))
+            micro.append((seen + k * B, masked_g[mine], t_g[mine], masked_g.sum()))
         n_total = torch.stack([m[3] for m in micro]).sum().clamp(min=1).to(torch.float32)
         sums = torch.zeros(2, dtype=torch.float32, device=device)
         for k, (start, masked, t, _) in enumerate(micro):
             x = train_blocks.get(batch_blocks(len(train_blocks), start, B, args.seed)[mine]).to(device)
-            sync = (not ddp) or k == A - 1
-            with (nullcontext() if sync else model.no_sync()):
-                with autocast:
-                    loss, unweighted, n = diffusion_loss(model, x, x.masked_fill(masked, mask_id), masked, t,
+            sync = (not run.ddp) or k == A - 1
+            with (nullcontext() if sync else run.model.no_sync()):
+                with run.autocast:
+                    loss, unweighted, n = diffusion_loss(run.model, x, x.masked_fill(masked, mask_id), masked, t,
                                                          attn_mask_ratio=ratio, generator=noise)
                 (loss * (n * world_size / n_total)).backward()
             sums += torch.stack([loss.detach().float() * n, unweighted.detach().float() * n])
-        if args.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(sums)
+        if run.ddp:
+            torch.distributed.all_reduce(sums)
         sums = (sums / n_total).tolist()
-        step += 1
-        samples_seen += A * B
-        tokens_seen += A * B * L
-        dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": sums[0], "unweighted_loss": sums[1], "lr": lr, "anneal_ratio": ratio,
-               "grad_norm": float(gnorm), "tokens_per_s": A * B * L / dt, "n_masked": int(n_total)}
-        if val_rows and (step % args.eval_every == 0 or step == args.max_steps):
-            rec["val_loss"], rec["val_unweighted_loss"] = evaluate()
-            last_val = rec["val_loss"]
-        log(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums[0]:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-", lr=f"{lr:.1e}",
-                        ratio=f"{ratio:.2f}", refresh=False)
-        why = stop.get("signal")
-        if ddp:  # every rank stops at the same step, whichever ranks got the signal
-            flag = torch.tensor([STOP_SIGNALS.index(why) + 1 if why else 0], dtype=torch.float32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            why = STOP_SIGNALS[int(flag.item()) - 1] if flag.item() > 0 else None
-        stop_now = why is not None
-        if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stop_now:
-            try:
-                save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, rank, world_size,
-                                args.save_retries, args.save_retry_wait)
-            except SystemExit:
-                bar.close()   # the error line comes last
-                raise
-        if stop_now and step < args.max_steps:
-            log({"step": step, "stopped": why})
-            bar.close()
-            log0(f"train_adapt.py: {why}: stopped after step {step} with checkpoint {args.out_dir}/step_{step:06d}; "
-                 f"continue with: python train_adapt.py --out_dir {args.out_dir} --resume")
-            break
-    bar.close()
+        return ({"loss": sums[0], "unweighted_loss": sums[1], "anneal_ratio": ratio, "n_masked": int(n_total)},
+                A * B, A * B * L)
 
-    if rank == 0 and step >= args.max_steps:
-        final = os.path.join(args.out_dir, "final")
-        if os.path.islink(final):
-            os.remove(final)
-        os.symlink(f"step_{step:06d}", final)
-        log0(f"done: {args.out_dir}/final -> step_{step:06d}")
-    if logf is not None:
-        logf.close()
-    if run is not None:
-        run.finish()
-    if ddp:
-        # the DDP wrapper (its reducer holds the process group) goes first, while the group is alive: freed
-        # after destroy_process_group, it can deadlock in gloo's teardown
-        del model
-        dist.barrier()
-        dist.destroy_process_group()
+    step = train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, log, stop, desc="adapt",
+                      extra_state=lambda: {"epoch": counters["samples_seen"] // len(train_blocks)})
+    finish_run(args, run, step)
     return step
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("train_adapt.py: interrupted (no checkpoint for the current step; --resume continues from the last one)",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
+    cli(main)
