@@ -347,9 +347,10 @@ class DiscreteDiffusionModel(nn.Module):
             shift = getattr(hf.config, "shift", True)
         return cls(hf, mask_token_id, shift, tokenizer).to(device)
 
-    def save_pretrained(self, path):
-        """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer."""
-        self.model.save_pretrained(path)
+    def save_pretrained(self, path, state_dict=None):
+        """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer.
+        state_dict: the transformers model's weights gathered elsewhere (from FSDP shards)."""
+        self.model.save_pretrained(path, state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -370,7 +371,8 @@ class DiscreteDiffusionModel(nn.Module):
         if self.config._attn_implementation == RING:   # the kernel builds its blocks of the mask itself
             extra["sp_group"] = sp_group
             if attn_mask_ratio < 1.0:
-                extra["anneal"] = (draw_mask_seed(generator, input_ids.device), attn_mask_ratio)
+                seed = draw_mask_seed(generator, input_ids.device) if attn_mask_ratio > 0 else 0   # as anneal_attention_mask
+                extra["anneal"] = (seed, attn_mask_ratio)
         elif sp_group is not None:
             raise ValueError("sequence parallelism needs attn_implementation='ring'")
         elif attn_mask_ratio < 1.0:
