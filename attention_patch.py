@@ -14,6 +14,12 @@ Everything about attention for diffusion LMs adapted from causal LMs.
   needs sdpa or eager.
 - register_attention_kernel(name, fn, mask_fn): the one place a custom kernel (ring attention for
   sequence parallelism) is plugged into transformers' AttentionInterface, with its mask builder.
+- ring_attention(q, k, v, group, key_padding, anneal): exact attention of a sequence split in
+  contiguous chunks over a process group (K/V blocks round the ring, log-sum-exp merge, a backward that
+  sends the dK/dV accumulators round); `attn_implementation="ring"` (resolve_attn_implementation
+  registers it) runs it inside the transformers model classes. Used by train_adapt.py --sp_size:
+
+      torchrun --nproc_per_node=4 train_adapt.py --sp_size 4 --seq_len 4096 --batch_size 1
 
 Nothing here forks a modeling file or replaces a forward: transformers' own model classes run as
 they are.
@@ -154,9 +160,9 @@ _warned = set()
 
 
 def _group_info(group):
-    """(rank, size) in `group` (None = the default group); (0, 1) when torch.distributed is not running."""
+    """(rank, size) in `group`; (0, 1) for None: no sequence parallelism, the chunk is the whole sequence."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -165,7 +171,6 @@ def _ring_pass(send, recv, group, tag):
     """Start sending the tensors `send` to the next rank of the ring and receiving `recv` from the previous."""
     import torch.distributed as dist
     rank, size = _group_info(group)
-    group = group or dist.group.WORLD
     nxt, prv = dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
     ops = [dist.P2POp(dist.isend, t, nxt, group, tag) for t in send]
     ops += [dist.P2POp(dist.irecv, t, prv, group, tag) for t in recv]
@@ -206,7 +211,7 @@ def _block_forward(q, k, v, mask, scale):
         from flash_attn.flash_attn_interface import flash_attn_func
         out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale,
                                       causal=False, return_attn_probs=True)
-        return out.transpose(1, 2), lse.float()
+        return out.transpose(1, 2), lse[..., :q.shape[2]].float()
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
@@ -234,7 +239,7 @@ def _block_backward(dout, q, k, v, out, lse, mask, scale):
         from flash_attn.flash_attn_interface import _flash_attn_backward
         import inspect
         t = lambda x: x.transpose(1, 2)
-        dq, dk, dv = torch.empty_like(t(q)), torch.empty_like(t(k)), torch.empty_like(t(v))
+        dq, dk, dv = (torch.empty(t(x).shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
         params = inspect.signature(_flash_attn_backward).parameters
         kw = dict(dropout_p=0.0, softmax_scale=scale, causal=False, alibi_slopes=None, deterministic=False)
         if "window_size_left" in params:
@@ -341,8 +346,8 @@ def ring_attention(q, k, v, group=None, key_padding=None, anneal=None, scale=Non
     holds positions [r*n, (r+1)*n)). q [B, H, n, D], k, v [B, Hkv, n, D] (GQA when Hkv < H): this rank's
     chunk. key_padding [B, n] (1 = real token) or None; anneal (seed, ratio) (the annealing mask of
     `anneal_block`) or None for bidirectional. Returns [B, H, n, D]; differentiable (dq, dk, dv). Every
-    rank of the group must call it with the same shapes (a collective). Without torch.distributed
-    running, it is plain attention over one chunk."""
+    rank of the group must call it with the same shapes (a collective). group=None: plain attention over
+    this one chunk (no ring)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[2] != k.shape[2]:

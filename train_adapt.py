@@ -40,6 +40,12 @@ not change. To extend a finished run, resume with a larger --max_steps (the cosi
 --lr_decay_steps unless you pass a new one). --overwrite deletes only what train_adapt.py writes
 (step_* folders, latest, final, log.jsonl, args.json) and refuses if --out_dir holds anything else.
 
+Scale-out: --sp_size N splits each sequence over N ranks (ring attention, attention_patch.py; data
+parallel over world / N); --fsdp shards weights, gradients and AdamW states over all ranks (FSDP2,
+--cpu_offload keeps the shards in CPU memory); checkpoints are the same plain HF folders either way,
+and resume on any number of ranks, with or without FSDP:
+    torchrun --nproc_per_node=4 train_adapt.py --fsdp --sp_size 2 --seq_len 1024 --batch_size 2
+
 Faults: each checkpoint ends with manifest.json (file sizes, checksums of the small files); --resume
 skips a damaged newest checkpoint (saying so) for the newest intact one, and stops, deleting nothing,
 if none is intact. A failed save (disk full) removes its temporary folder and keeps the previous

@@ -67,6 +67,7 @@ def tiny_model(name, impl):
 
 
 def run_kernel(out_dir, rank, size):
+    import torch.distributed as dist
     from safetensors.torch import save_file
     from attention_patch import draw_mask_seed, ring_attention
     from model import sequence_chunk
@@ -74,7 +75,7 @@ def run_kernel(out_dir, rank, size):
         q, k, v, dout, pad, ratio = kernel_inputs(name)
         anneal = None if ratio is None else (draw_mask_seed(torch.Generator().manual_seed(MASK_SEED)), ratio)
         q, k, v, dout = (sequence_chunk(a, rank, size, dim=2).clone().requires_grad_() for a in (q, k, v, dout))
-        out = ring_attention(q, k, v, key_padding=None if pad is None else sequence_chunk(pad, rank, size), anneal=anneal)
+        out = ring_attention(q, k, v, dist.group.WORLD, None if pad is None else sequence_chunk(pad, rank, size), anneal)
         out.backward(dout)
         save_file({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad},
                   os.path.join(out_dir, f"kernel_{name}_rank{rank}.safetensors"))

@@ -70,7 +70,7 @@ def test_ring_kernel_equals_sdpa(name, nproc, request):
 
 @pytest.mark.parametrize("name", list(rw.KERNEL_CASES))
 def test_ring_kernel_one_process(name):
-    """Without torch.distributed the kernel is plain attention over its one chunk (the block kernel)."""
+    """Without a group the kernel is plain attention over its one chunk (the block kernel alone)."""
     q, k, v, dout, pad, ratio = rw.kernel_inputs(name)
     anneal = None if ratio is None else (draw_mask_seed(torch.Generator().manual_seed(rw.MASK_SEED)), ratio)
     q, k, v = (a.clone().requires_grad_() for a in (q, k, v))
