@@ -199,13 +199,18 @@ def _ring_block_mask(rows, col0, n_cols, pad, anneal):
     return mask
 
 
+def _acc(x):
+    """The accumulation dtype: fp32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _flash_attn_ok(q, mask):
     return q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
 
 
 def _block_forward(q, k, v, mask, scale):
     """Attention of queries q [B, H, Lq, D] over one block of keys/values k, v [B, Hkv, Lk, D] (Hkv divides
-    H: GQA) with its log-sum-exp. Returns out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] (fp32): -inf
+    H: GQA) with its log-sum-exp. Returns out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] (fp32 or f64): -inf
     (and out 0) for rows the block hides completely."""
     if _flash_attn_ok(q, mask):   # CUDA, flash-attn installed: its kernel takes [B, L, H, D] and returns the lse
         from flash_attn.flash_attn_interface import flash_attn_func
@@ -222,14 +227,14 @@ def _block_forward(q, k, v, mask, scale):
             lse = lse.masked_fill(empty, float("-inf"))
             out = out.masked_fill(empty[..., None], 0.0)
         return out, lse
-    # the math: scores in fp32, explicitly
-    g = q.shape[1] // k.shape[1]
-    s = q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2) * scale
+    # the math: scores in fp32 (float64 for float64), explicitly
+    g, f = q.shape[1] // k.shape[1], _acc(q)
+    s = q.to(f) @ k.to(f).repeat_interleave(g, 1).transpose(-1, -2) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = s.logsumexp(-1)
     p = torch.exp(s - lse[..., None]).nan_to_num_(0.0)
-    return (p @ v.float().repeat_interleave(g, 1)).to(q.dtype), lse
+    return (p @ v.to(f).repeat_interleave(g, 1)).to(q.dtype), lse
 
 
 def _block_backward(dout, q, k, v, out, lse, mask, scale):
@@ -256,14 +261,14 @@ def _block_backward(dout, q, k, v, out, lse, mask, scale):
         bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
-    g = q.shape[1] // k.shape[1]
-    qf, kf, vf, do = q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1), dout.float()
+    g, f = q.shape[1] // k.shape[1], _acc(q)
+    qf, kf, vf, do = q.to(f), k.to(f).repeat_interleave(g, 1), v.to(f).repeat_interleave(g, 1), dout.to(f)
     s = qf @ kf.transpose(-1, -2) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.exp(s - lse[..., None])
     dv = p.transpose(-1, -2) @ do
-    ds = p * (do @ vf.transpose(-1, -2) - (do * out.float()).sum(-1, keepdim=True))
+    ds = p * (do @ vf.transpose(-1, -2) - (do * out.to(f)).sum(-1, keepdim=True))
     dq = ds @ kf * scale
     dk = ds.transpose(-1, -2) @ qf * scale
     fold = lambda x: x.unflatten(1, (k.shape[1], g)).sum(2)
@@ -274,7 +279,7 @@ def _merge(out, lse, out_b, lse_b):
     """Merge a block's partial attention into the running one through their log-sum-exps."""
     new = torch.logaddexp(lse, lse_b)
     safe = new.masked_fill(torch.isneginf(new), 0.0)   # rows that saw nothing yet stay 0
-    out = out * torch.exp(lse - safe)[..., None] + out_b.float() * torch.exp(lse_b - safe)[..., None]
+    out = out * torch.exp(lse - safe)[..., None] + out_b.to(out.dtype) * torch.exp(lse_b - safe)[..., None]
     return out, new
 
 
@@ -285,8 +290,8 @@ class _RingAttention(torch.autograd.Function):
         rank, size = _group_info(group)
         n = q.shape[2]
         rows = torch.arange(rank * n, (rank + 1) * n, device=q.device)
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        out = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=_acc(q), device=q.device)
         chunk = [k, v] + ([pad] if pad is not None else [])
         for step in range(size):
             if step < size - 1:   # the next chunk travels while this one is computed
@@ -312,7 +317,7 @@ class _RingAttention(torch.autograd.Function):
         n = q.shape[2]
         dout = dout.contiguous()
         rows = torch.arange(rank * n, (rank + 1) * n, device=q.device)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
         chunk = [k, v] + ([pad] if pad is not None else [])
         acc, acc_works = None, None
         for step in range(size):
@@ -328,7 +333,7 @@ class _RingAttention(torch.autograd.Function):
                 _wait(acc_works)
                 acc = [(acc_in[0] + dk_b).contiguous(), (acc_in[1] + dv_b).contiguous()]
             else:
-                acc = [dk_b.float().contiguous(), dv_b.float().contiguous()]
+                acc = [dk_b.to(_acc(k)).contiguous(), dv_b.to(_acc(k)).contiguous()]
             if size > 1:   # pass it on; after the last step it goes home to its owner
                 acc_in = [torch.empty_like(a) for a in acc]
                 acc_works = _ring_pass(acc, acc_in, group, tag=2)

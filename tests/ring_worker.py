@@ -24,6 +24,8 @@ KERNEL_CASES = {
     "padding": (2, 4, 4, 24, 8, None, True),
     "gqa_anneal0.3_padding": (3, 4, 2, 24, 8, 0.3, True),
 }
+# float64 runs the math block kernel (the one CUDA uses for masked blocks) instead of the CPU flash kernel
+MATH_CASES = ("bidirectional", "gqa_anneal0.3_padding")
 MODEL_CASES = {"llama": (1.0, True), "llama_anneal0.3": (0.3, True), "gpt2": (1.0, False),
                "gpt2_anneal0.3": (0.3, True)}   # arch[_anneal]: (ratio, left padding)
 MASK_SEED = 7
@@ -41,12 +43,12 @@ def padding(batch, length, on):
     return att
 
 
-def kernel_inputs(name):
+def kernel_inputs(name, dtype=torch.float32):
     b, h, hkv, n, d, ratio, pad = KERNEL_CASES[name]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     q, dout = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
     k, v = torch.randn(b, hkv, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
-    return q, k, v, dout, padding(b, n, pad), ratio
+    return *(a.to(dtype) for a in (q, k, v, dout)), padding(b, n, pad), ratio
 
 
 def model_inputs(name):
@@ -71,14 +73,14 @@ def run_kernel(out_dir, rank, size):
     from safetensors.torch import save_file
     from attention_patch import draw_mask_seed, ring_attention
     from model import sequence_chunk
-    for name in KERNEL_CASES:
-        q, k, v, dout, pad, ratio = kernel_inputs(name)
+    for name, dtype in [(n, torch.float32) for n in KERNEL_CASES] + [(n, torch.float64) for n in MATH_CASES]:
+        q, k, v, dout, pad, ratio = kernel_inputs(name, dtype)
         anneal = None if ratio is None else (draw_mask_seed(torch.Generator().manual_seed(MASK_SEED)), ratio)
         q, k, v, dout = (sequence_chunk(a, rank, size, dim=2).clone().requires_grad_() for a in (q, k, v, dout))
         out = ring_attention(q, k, v, dist.group.WORLD, None if pad is None else sequence_chunk(pad, rank, size), anneal)
         out.backward(dout)
         save_file({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad},
-                  os.path.join(out_dir, f"kernel_{name}_rank{rank}.safetensors"))
+                  os.path.join(out_dir, f"kernel_{name}{'_f64' if dtype == torch.float64 else ''}_rank{rank}.safetensors"))
 
 
 def run_model(out_dir, rank, size):

@@ -19,9 +19,9 @@ from model import diffusion_loss, sequence_chunk
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
-def reference(name):
+def reference(name, dtype=torch.float32):
     """Output and gradients of SDPA on the whole sequence, with the mask the single-process model uses."""
-    q, k, v, dout, pad, ratio = rw.kernel_inputs(name)
+    q, k, v, dout, pad, ratio = rw.kernel_inputs(name, dtype)
     b, _, n, _ = q.shape
     if ratio is None:
         mask = None if pad is None else pad.bool()[:, None, None, :]
@@ -66,6 +66,16 @@ def test_ring_kernel_equals_sdpa(name, nproc, request):
     ring, ref = gathered(out_dir, f"kernel_{name}", nproc, dim=2), reference(name)
     for k in ("out", "dq", "dk", "dv"):
         torch.testing.assert_close(ring[k], ref[k], **TOL, msg=f"{name}, {nproc} ranks: {k}")
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("name", rw.MATH_CASES)
+def test_ring_math_kernel_equals_sdpa(name, nproc, request):
+    """float64: the blocks run the math kernel (CUDA's kernel for masked blocks), exact to 1e-10."""
+    out_dir = request.getfixturevalue("two_ranks" if nproc == 2 else "four_ranks")
+    ring, ref = gathered(out_dir, f"kernel_{name}_f64", nproc, dim=2), reference(name, torch.float64)
+    for k in ("out", "dq", "dk", "dv"):
+        torch.testing.assert_close(ring[k], ref[k], atol=1e-10, rtol=1e-10, msg=f"{name}, {nproc} ranks: {k}")
 
 
 @pytest.mark.parametrize("name", list(rw.KERNEL_CASES))
