@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention_patch import anneal_attention_mask, make_bidirectional, resolve_attn_implementation
+from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, make_bidirectional,
+                             resolve_attn_implementation)
 
 NEW_MASK_TOKEN = "<|mdm_mask|>"
 EMBEDDED_MODEL = "smollm2-135m"
@@ -367,9 +368,10 @@ class DiscreteDiffusionModel(nn.Module):
             shift = getattr(hf.config, "shift", True)
         return cls(hf, mask_token_id, shift, tokenizer).to(device)
 
-    def save_pretrained(self, path):
-        """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer."""
-        self.model.save_pretrained(path)
+    def save_pretrained(self, path, state_dict=None):
+        """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer.
+        state_dict: the transformers model's weights gathered elsewhere (from FSDP shards)."""
+        self.model.save_pretrained(path, state_dict=state_dict)
         if hasattr(self.model, "peft_config"):   # a LoRA adapter: what the base model's config does not say
             with open(os.path.join(path, ADAPTER_EXTRA), "w") as f:
                 json.dump({"mask_token_id": self.mask_token_id, "shift": self.shift,
@@ -378,25 +380,39 @@ class DiscreteDiffusionModel(nn.Module):
             self.tokenizer.save_pretrained(path)
 
     def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None,
-                block_size=None):
+                position_ids=None, output_mask=None, sp_group=None, block_size=None):
         """Logits under bidirectional attention (or annealed: causal OR Bernoulli(attn_mask_ratio)).
         attention_mask [B, L]: 1 = real token (left padding allowed; positions follow the real tokens).
         Without target_mask: raw logits [B, L, V] (with shift, row i predicts token i+1).
         With target_mask [B, L] (bool): only the logits that predict those positions, [N, V] in row-major
         order. Training uses this: the LM head runs on masked positions only.
+        Sequence parallelism (attn_implementation "ring", see sequence_parallel_loss): input_ids is this
+        rank's chunk, position_ids its global positions, sp_group the group the sequence is split over,
+        and output_mask [B, n] (bool) the rows whose logits to return, already shifted.
         block_size B (block-diffusion training): input_ids is [noisy ; clean] ([B, 2L], see block_inputs),
         run under block_diffusion_mask with the positions repeated; attention_mask and target_mask are
         [B, L] and the logits are those of the noisy half only."""
         if block_size is not None:
             return self._block_forward(input_ids, attention_mask, target_mask, block_size)
         B, L = input_ids.shape
-        position_ids = None if attention_mask is None else positions_from_mask(attention_mask)
-        if attn_mask_ratio < 1.0:
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
+        extra = {}
+        if self.config._attn_implementation == RING:   # the kernel builds its blocks of the mask itself
+            extra["sp_group"] = sp_group
+            if attn_mask_ratio < 1.0:
+                seed = draw_mask_seed(generator, input_ids.device) if attn_mask_ratio > 0 else 0   # as anneal_attention_mask
+                extra["anneal"] = (seed, attn_mask_ratio)
+        elif sp_group is not None:
+            raise ValueError("sequence parallelism needs attn_implementation='ring'")
+        elif attn_mask_ratio < 1.0:
             attention_mask = anneal_attention_mask(L, attn_mask_ratio, attention_mask, B, self.config._attn_implementation,
                                                    self.dtype, input_ids.device, generator)
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                          use_cache=False, is_causal=False).last_hidden_state
-        if target_mask is not None:
+                                          use_cache=False, is_causal=False, **extra).last_hidden_state
+        if output_mask is not None:
+            hidden = hidden[output_mask]
+        elif target_mask is not None:
             if self.shift and target_mask[:, 0].any():
                 raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
             hidden = hidden[:, :-1][target_mask[:, 1:]] if self.shift else hidden[target_mask]
@@ -466,22 +482,33 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
 
 
 def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
-                   answer_length=None, block_size=None):
+                   sp_group=None, answer_length=None, block_size=None):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
-    also the unweighted mean CE. `model` may be wrapped in DDP (its forward is called). Returns
-    (loss, unweighted_loss, n_masked).
+    also the unweighted mean CE. `model` may be wrapped in DDP or FSDP (its forward is called). Returns
+    (loss, unweighted_loss, n_masked). With sp_group (sequence parallelism: the model runs ring
+    attention, every rank of the group passes the same whole rows), this rank scores its own chunk only
+    (sequence_parallel_loss): loss * n summed over the group, divided by the summed n, is the loss.
     answer_length [B] (LLaDA's SFT normalisation): each masked token weighs 1 / (t * answer_length of its
     row) and the sum is divided by the number of rows instead.
     block_size: block-diffusion training, xt is the [noisy ; clean] input of block_inputs (see forward)."""
+    if sp_group is not None:
+        if answer_length is not None or block_size is not None:
+            raise ValueError("sequence parallelism supports the masked normalisation without block diffusion only")
+        return sequence_parallel_loss(model, input_ids, xt, masked, t, sp_group, attention_mask, attn_mask_ratio,
+                                      generator)
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
                    target_mask=masked, block_size=block_size)
-    ce = F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
     per_row = 1.0 / t if answer_length is None else 1.0 / (t * answer_length)
     weight = per_row[:, None].expand_as(masked)[masked]
-    n = masked.sum()
+    return _weighted_ce(logits, input_ids[masked], weight, masked.sum(),
+                        None if answer_length is None else masked.shape[0])
+
+
+def _weighted_ce(logits, targets, weight, n, loss_denom=None):
+    """(sum of CE * weight / loss_denom (default: n), mean CE, n)."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
     denom = n.clamp(min=1)
-    loss_denom = denom if answer_length is None else masked.shape[0]
-    return (ce * weight).sum() / loss_denom, ce.sum() / denom, n
+    return (ce * weight).sum() / (denom if loss_denom is None else loss_denom), ce.sum() / denom, n
 
 
 # -----------------------------------------------------------------------------
@@ -514,6 +541,68 @@ def block_inputs(input_ids, xt, block_size, shift=False):
         first = (torch.arange(xt.shape[1], device=xt.device) + 1) % block_size == 0
         noisy = torch.where(first[None, :], input_ids, xt)
     return torch.cat([noisy, input_ids], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# sequence parallelism: one sequence split over the ranks of a group (ring attention in attention_patch.py)
+
+def sp_rank_size(group):
+    """(rank, size) of this process in the sequence-parallel group."""
+    import torch.distributed as dist
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sequence_chunk(x, rank, size, dim=1):
+    """The contiguous chunk `rank` of `size` equal chunks of x along `dim` (the sequence)."""
+    n = x.shape[dim]
+    if n % size:
+        raise ValueError(f"sequence parallelism: a length of {n} does not split into {size} equal chunks "
+                         f"(--seq_len must be a multiple of --sp_size)")
+    return x.narrow(dim, rank * (n // size), n // size)
+
+
+def sequence_positions(input_ids, attention_mask=None):
+    """Global position ids of whole rows, computed before the split (left padding: positions follow the real tokens)."""
+    if attention_mask is not None:
+        return positions_from_mask(attention_mask)
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+
+def shifted_targets(input_ids, masked, shift=True):
+    """Per position of whole rows: is its output scored, and which token does it predict. With shift,
+    output i predicts token i+1, so the last position of a chunk predicts the first token of the next
+    chunk: computed before the sequence is split. Returns (scored [B, L] bool, target [B, L])."""
+    if not shift:
+        return masked, input_ids
+    scored, target = torch.zeros_like(masked), torch.zeros_like(input_ids)
+    scored[:, :-1], target[:, :-1] = masked[:, 1:], input_ids[:, 1:]
+    return scored, target
+
+
+def sequence_parallel_loss(model, input_ids, xt, masked, t, group, attention_mask=None, attn_mask_ratio=1.0,
+                           generator=None):
+    """diffusion_loss of whole rows split over `group` (every rank passes the same rows): this rank runs
+    its chunk with its global positions through the ring-attention model and scores the outputs of its
+    chunk. Returns (loss, unweighted_loss, n) of the chunk, n = its scored tokens; reduce_loss gives the
+    loss of the whole rows, equal to the single-process one. Every rank draws the same annealing seed."""
+    rank, size = sp_rank_size(group)
+    shift = getattr(model, "module", model).shift      # through a DDP wrapper
+    scored, target = shifted_targets(input_ids, masked, shift)
+    chunk = lambda x: None if x is None else sequence_chunk(x, rank, size)
+    keep = chunk(scored)
+    logits = model(chunk(xt), attention_mask=chunk(attention_mask), attn_mask_ratio=attn_mask_ratio,
+                   generator=generator, position_ids=chunk(sequence_positions(xt, attention_mask)), output_mask=keep,
+                   sp_group=group)
+    weight = chunk((1.0 / t)[:, None].expand_as(masked))[keep]
+    return _weighted_ce(logits, chunk(target)[keep], weight, keep.sum())
+
+
+def reduce_loss(loss, n, group=None):
+    """The mean over a group of per-rank (loss, n) pairs, weighted by n: the loss of the whole rows."""
+    import torch.distributed as dist
+    sums = torch.stack([loss.detach().double() * n, n.double()])
+    dist.all_reduce(sums, group=group)
+    return sums[0] / sums[1].clamp(min=1)
 
 
 # -----------------------------------------------------------------------------

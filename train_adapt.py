@@ -40,6 +40,12 @@ not change. To extend a finished run, resume with a larger --max_steps (the cosi
 --lr_decay_steps unless you pass a new one). --overwrite deletes only what train_adapt.py writes
 (step_* folders, latest, final, log.jsonl, args.json) and refuses if --out_dir holds anything else.
 
+Scale-out: --sp_size N splits each sequence over N ranks (ring attention, attention_patch.py; data
+parallel over world / N); --fsdp shards weights, gradients and AdamW states over all ranks (FSDP2,
+--cpu_offload keeps the shards in CPU memory); checkpoints are the same plain HF folders either way,
+and resume on any number of ranks, with or without FSDP:
+    torchrun --nproc_per_node=4 train_adapt.py --fsdp --sp_size 2 --seq_len 1024 --batch_size 2
+
 Faults: each checkpoint ends with manifest.json (file sizes, checksums of the small files); --resume
 skips a damaged newest checkpoint (saying so) for the newest intact one, and stops, deleting nothing,
 if none is intact. A failed save (disk full) removes its temporary folder and keeps the previous
@@ -68,7 +74,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from attention_patch import anneal_ratio, resolve_attn_implementation
+from attention_patch import RING, anneal_ratio, resolve_attn_implementation
 from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, check_model_folder, default_device, default_dtype,
                    diffusion_loss, first_line, load_tokenizer, maskable_positions, max_positions, noise_draw,
                    resolve_model_path)
@@ -154,6 +160,12 @@ def add_run_args(p, out_dir="out/adapt", lr=1e-4, min_lr=1e-5, warmup_steps=20, 
     a("--wandb", nargs="?", const="dlm-adapt", default=None, metavar="PROJECT", help="log to Weights & Biases (if installed)")
     a("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2 (no annealing with flash)")
     a("--device", default=None, help="cpu, cuda (default: cuda if available); DDP uses cuda:LOCAL_RANK")
+    a("--sp_size", type=int, default=1, help="sequence parallelism: each sequence is split over this many ranks "
+      "(ring attention); data parallel over world_size / sp_size")
+    a("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states over all ranks (FSDP2 "
+      "fully_shard per decoder layer and the root) instead of DDP")
+    a("--cpu_offload", action="store_true", help="with --fsdp: keep the shards of parameters, gradients and "
+      "optimizer states in CPU memory")
     return p
 
 
@@ -205,8 +217,21 @@ def validate_args(args, world_size):
         flag_error(f"--seed must be in [0, {2**32 - 2**16}), got {args.seed}")
     if hasattr(args, "text_field") and not args.text_field:
         flag_error("--text_field must not be empty")
-    if args.batch_size % world_size:
-        flag_error(f"--batch_size {args.batch_size} is the global batch and must divide over the {world_size} ranks "
+    sp = getattr(args, "sp_size", 1)
+    if sp < 1:
+        flag_error(f"--sp_size must be >= 1, got {sp}")
+    if world_size % sp:
+        flag_error(f"--sp_size {sp} must divide the number of ranks ({world_size}): each sequence is split over "
+                   f"--sp_size ranks and the batch over world_size / sp_size")
+    if has("seq_len") and args.seq_len % sp:
+        flag_error(f"--seq_len {args.seq_len} must be a multiple of --sp_size {sp} (equal chunks per rank)")
+    if getattr(args, "cpu_offload", False) and not args.fsdp:
+        flag_error("--cpu_offload needs --fsdp")
+    dp = world_size // sp
+    if args.batch_size % dp:
+        flag_error(f"--batch_size {args.batch_size} is the global batch and must divide over the {dp} data-parallel "
+                   f"ranks (use a multiple of {dp})" if sp > 1 else
+                   f"--batch_size {args.batch_size} is the global batch and must divide over the {world_size} ranks "
                    f"(use a multiple of {world_size})")
     if args.resume and args.overwrite:
         flag_error("--resume and --overwrite exclude each other")
@@ -410,16 +435,25 @@ def set_rng_state(st):
         torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
 
 
-def write_checkpoint(out_dir, name, raw, optimizer, state, rngs):
+def write_checkpoint(out_dir, name, raw, optimizer, state, rngs, full=None):
     """step_XXXXXX/ written into .tmp-step_XXXXXX/ (weights, optimizer, trainer state, RNG states, manifest
     last), renamed into place, then `latest` updated. On any error the temporary folder is removed and the
-    error raised: the previous checkpoints and `latest` stay as they were."""
+    error raised: the previous checkpoints and `latest` stay as they were. `full`: the (model, optimizer)
+    state dicts gathered from FSDP shards (gather_full_state); the files are the same either way."""
     from safetensors.torch import save_file
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        raw.save_pretrained(tmp)
-        opt = optimizer.state_dict()
+        if full is None:
+            raw.save_pretrained(tmp)
+            opt = optimizer.state_dict()
+        else:   # FQN keys -> the transformers model's keys and the optimizer's parameter indices
+            tied = ({n for n, _ in raw.model.named_parameters(remove_duplicate=False)} -
+                    {n for n, _ in raw.model.named_parameters()})   # saved once, as save_pretrained does
+            raw.save_pretrained(tmp, state_dict={k: v for k, v in ((k.removeprefix("model."), v) for k, v in full[0].items())
+                                                 if k not in tied})
+            order = [fqn for g in full[1]["param_groups"] for fqn in g["params"]]
+            opt = {"state": {i: full[1]["state"][fqn] for i, fqn in enumerate(order) if fqn in full[1]["state"]}}
         tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
                    if torch.is_tensor(v)}
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
@@ -438,21 +472,32 @@ def write_checkpoint(out_dir, name, raw, optimizer, state, rngs):
     write_atomic(os.path.join(out_dir, "latest"), name + "\n")
 
 
-def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world_size, retries=0, retry_wait=60.0):
+def gather_full_state(raw, optimizer):
+    """The whole model and optimizer state of an FSDP-sharded model, on rank 0's CPU (a collective: every
+    rank calls it; the others get empty dicts). Optimizer states are keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw, options=opts), get_optimizer_state_dict(raw, optimizer, options=opts)
+
+
+def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world_size, retries=0, retry_wait=60.0,
+                    sharded=False):
     """Rank 0 writes the checkpoint (write_checkpoint), retrying a failed write `retries` times after
     `retry_wait` seconds, then prunes to the newest `keep_last`. Every rank's RNG state is gathered to rank 0
-    (no shared file system needed to save). If the write still fails, every rank stops with one line."""
+    (no shared file system needed to save), and with `sharded` (FSDP) the full weights and optimizer states.
+    If the write still fails, every rank stops with one line."""
     import torch.distributed as dist
     from safetensors import SafetensorError
     rngs = [rng_state()]
     if world_size > 1:
         rngs = [None] * world_size
         dist.all_gather_object(rngs, rng_state())
+    full = gather_full_state(raw, optimizer) if sharded else None
     name, err = f"step_{step:06d}", None
     if rank == 0:
         for attempt in range(retries + 1):
             try:
-                write_checkpoint(out_dir, name, raw, optimizer, state, rngs)
+                write_checkpoint(out_dir, name, raw, optimizer, state, rngs, full)
                 err = None
                 break
             except (OSError, SafetensorError) as e:
@@ -474,19 +519,32 @@ def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world
         die(f"{err}; the previous checkpoint and `latest` are unchanged")
 
 
-def load_optimizer(optimizer, ckpt):
+def load_optimizer(optimizer, ckpt, sharded_model=None):
+    """The optimizer states of a checkpoint (saved by any number of ranks, with or without FSDP). With
+    `sharded_model` (FSDP), every rank reads the whole file and keeps its own shards."""
     from safetensors.torch import load_file
     flat = load_file(os.path.join(ckpt, "optimizer.safetensors"))
     state = {}
     for key, v in flat.items():
         i, k = key.split(".", 1)
         state.setdefault(int(i), {})[k] = v
-    sd = optimizer.state_dict()
+    if sharded_model is not None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True)
+        sd = get_optimizer_state_dict(sharded_model, optimizer, options=opts)   # empty states: the FQN order
+    else:
+        sd = optimizer.state_dict()
     if len(state) != len(sd["state"]) and sd["state"]:
         die(f"--resume: {ckpt}/optimizer.safetensors does not match the model")
     n_params = sum(len(g["params"]) for g in sd["param_groups"])
     if len(state) != n_params:
         die(f"--resume: {ckpt}/optimizer.safetensors has {len(state)} parameter states, the model has {n_params}")
+    if sharded_model is not None:
+        order = [fqn for g in sd["param_groups"] for fqn in g["params"]]
+        set_optimizer_state_dict(sharded_model, optimizer, {"state": {order[i]: s for i, s in state.items()},
+                                                            "param_groups": sd["param_groups"]}, options=opts)
+        return
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
@@ -896,28 +954,39 @@ def start_run(parser, argv, fixed_on_resume):
         device = args_device
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = args.dtype or default_dtype(device)
-    try:
-        attn = resolve_attn_implementation(args.attn_implementation, device)
+    sp = getattr(args, "sp_size", 1)
+    try:   # sequence parallelism runs ring attention (its blocks use flash-attn on CUDA when installed)
+        attn = resolve_attn_implementation(RING if sp > 1 else args.attn_implementation, device)
     except ValueError as e:
         die(str(e))
     if attn == "flash_attention_2" and getattr(args, "anneal_steps", 0) > 0:
         die("--attn_implementation flash_attention_2 cannot anneal the attention mask: use sdpa or eager, or --anneal_steps 0")
     run = SimpleNamespace(
         rank=rank, world_size=world_size, local_rank=local_rank, ddp=world_size > 1, device=device,
-        device_type=device_type, attn=attn, ckpt=ckpt, saved=saved,
+        device_type=device_type, attn=attn, ckpt=ckpt, saved=saved, dtype=dtype,
         weight_dtype=torch.bfloat16 if dtype == "bf16-weights" else torch.float32,
         autocast=torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext(),
+        sp_size=sp, dp_size=world_size // sp, dp_rank=rank // sp, sp_group=None,
+        fsdp=bool(getattr(args, "fsdp", False)) and world_size > 1,
         noise=None, model=None, logf=None, wandb=None)
+    if getattr(args, "fsdp", False) and world_size == 1:
+        warn0("--fsdp with one process: nothing to shard, training as usual")
     return args, run
 
 
 def init_distributed(args, run):
-    """Join the process group (DDP), prepare --out_dir on rank 0 (--overwrite clears our own files; a resumed
-    run is no longer `final`) and write args.json. Called after the data is ready."""
+    """Join the process group (DDP / FSDP), with --sp_size > 1 the 2-D mesh (data x sequence: ranks
+    dp*sp_size .. dp*sp_size + sp_size - 1 share a batch row and split its sequence; run.sp_group is this
+    rank's sequence group), prepare --out_dir on rank 0 (--overwrite clears our own files; a resumed run is
+    no longer `final`) and write args.json. Called after the data is ready."""
     if run.ddp:
         import torch.distributed as dist
         from datetime import timedelta
         dist.init_process_group("nccl" if run.device_type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+        if run.sp_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh(run.device_type, (run.dp_size, run.sp_size), mesh_dim_names=("dp", "sp"))
+            run.sp_group = mesh.get_group("sp")
     if run.rank == 0:
         if args.overwrite and os.path.isdir(args.out_dir):
             clear_ours(args.out_dir)
@@ -952,8 +1021,9 @@ def load_model(args, run, from_checkpoint=True):
 
 
 def wrap_model(raw, args, run):
-    """Gradient checkpointing, torch.compile and the DDP wrapper, as the flags say. The wrapper is kept in
-    run.model (and only there: finish_run drops it before the process group goes)."""
+    """Gradient checkpointing, torch.compile and the DDP wrapper (or FSDP2 with --fsdp), as the flags say.
+    The wrapper is kept in run.model (and only there: finish_run drops it before the process group goes).
+    Gradients are averaged over all ranks either way (with --sp_size, each rank's loss is its chunk's share)."""
     if args.grad_checkpointing:
         if hasattr(raw.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             raw.model.activation_checkpointing_enable({"use_reentrant": False})
@@ -962,9 +1032,53 @@ def wrap_model(raw, args, run):
     if args.compile:
         raw.model.get_decoder().compile()
     run.model = raw
-    if run.ddp:
+    if run.fsdp:
+        shard_model(raw, args, run)
+    elif run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.model = DDP(raw, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+
+
+def shard_model(raw, args, run):
+    """FSDP2: fully_shard every decoder layer (the model's _no_split_modules classes), then the root (the
+    embeddings, final norm and head), over all ranks, in place: parameters, gradients and AdamW states are
+    1/world_size per rank. Mixed precision: bf16 compute with --dtype bfloat16, gradients reduced in fp32.
+    --cpu_offload keeps the shards in CPU memory (CPUOffloadPolicy; pinned memory only with CUDA)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = {"mesh": init_device_mesh(run.device_type, (run.world_size,)),
+          "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if run.dtype == "bfloat16" else None,
+                                            reduce_dtype=torch.float32)}
+    if args.cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=run.device_type == "cuda")
+    blocks = set(getattr(raw.model, "_no_split_modules", None) or ())
+    layers = [m for m in raw.modules() if type(m).__name__ in blocks]
+    if not layers:
+        die(f"--fsdp: found no decoder layers to shard in {type(raw.model).__name__}")
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(raw, **kw)
+
+
+def grad_sync(run, sync):
+    """The context of one micro-step's backward: gradients are reduced over the ranks only when `sync`
+    (the last micro-step of the optimizer step); before that they accumulate locally."""
+    if run.fsdp:
+        run.model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if (not run.ddp or sync) else run.model.no_sync()
+
+
+def rank_batches(run, rows, per_rank):
+    """This rank's share of `rows` (example indices) in batches of `per_rank`: data-parallel rank d takes
+    rows[d::dp_size] (the ranks of one sequence group take the same rows). Yields (batch, counted). Every
+    rank gets the same number of batches, since FSDP's gathers and ring attention need all ranks in every
+    forward: a rank out of rows runs rows[:1] and does not count it."""
+    mine = rows[run.dp_rank::run.dp_size]
+    most = -(-len(rows) // run.dp_size)
+    for i in range(0, most, per_rank):
+        part = mine[i:i + per_rank]
+        yield (part, True) if part else (rows[:1], False)
 
 
 def make_optimizer(raw, args, run):
@@ -985,7 +1099,7 @@ def restore_run(args, run, optimizer):
     run.noise = torch.Generator(device=run.device).manual_seed(args.seed)
     counters = {"step": 0, "samples_seen": 0, "tokens_seen": 0}
     if run.saved is not None:
-        load_optimizer(optimizer, run.ckpt)
+        load_optimizer(optimizer, run.ckpt, run.model if run.fsdp else None)
         counters = {k: run.saved[k] for k in counters}
         run.noise.set_state(torch.tensor(run.saved["noise_rng"], dtype=torch.uint8))
         rng_file = os.path.join(run.ckpt, f"rng_rank{run.rank}.json")
@@ -1084,7 +1198,7 @@ def train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, l
         if (args.save_every and step % args.save_every == 0) or step == args.max_steps or stop_now:
             try:
                 save_checkpoint(args.out_dir, step, raw, optimizer, state_dict(), args.keep_last, run.rank,
-                                run.world_size, args.save_retries, args.save_retry_wait)
+                                run.world_size, args.save_retries, args.save_retry_wait, sharded=run.fsdp)
             except SystemExit:
                 bar.close()   # the error line comes last
                 raise
@@ -1183,7 +1297,7 @@ def train(argv, stop):
     optimizer, params = make_optimizer(raw, args, run)
     counters = restore_run(args, run, optimizer)
     log = open_log(args, run, counters["step"])
-    rank, world_size, device, noise = run.rank, run.world_size, run.device, run.noise
+    world_size, device, noise = run.world_size, run.device, run.noise
 
     # fixed validation noise: the same t and masks at every evaluation
     val_rows, val_t, val_masked = [], None, None
@@ -1194,8 +1308,8 @@ def train(argv, stop):
         shape = torch.zeros(n_eval, args.seq_len, dtype=torch.long)
         val_masked, val_t = noise_draw(maskable_positions(shape, shift=raw.shift), g)
 
-    per_rank = args.batch_size // world_size
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    per_rank = args.batch_size // run.dp_size
+    mine = slice(run.dp_rank * per_rank, (run.dp_rank + 1) * per_rank)
 
     @torch.no_grad()
     def evaluate():
@@ -1203,14 +1317,14 @@ def train(argv, stop):
             return None
         raw.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        rows = val_rows[rank::world_size]
-        for i in range(0, len(rows), per_rank):
-            r = rows[i:i + per_rank]
+        for r, counted in rank_batches(run, val_rows, per_rank):
             x = val_blocks.get(r).to(device)
             masked, t = val_masked[r].to(device), val_t[r].to(device)
             with run.autocast:
-                loss, unweighted, n = diffusion_loss(raw, x, x.masked_fill(masked, mask_id), masked, t)
-            sums += torch.stack([loss.double() * n, unweighted.double() * n, n.double()])
+                loss, unweighted, n = diffusion_loss(raw, x, x.masked_fill(masked, mask_id), masked, t,
+                                                     sp_group=run.sp_group)
+            if counted:
+                sums += torch.stack([loss.double() * n, unweighted.double() * n, n.double()])
         if run.ddp:
             torch.distributed.all_reduce(sums)
         raw.train()
@@ -1231,11 +1345,10 @@ def train(argv, stop):
         sums = torch.zeros(2, dtype=torch.float32, device=device)
         for k, (start, masked, t, _) in enumerate(micro):
             x = train_blocks.get(batch_blocks(len(train_blocks), start, B, args.seed)[mine]).to(device)
-            sync = (not run.ddp) or k == A - 1
-            with (nullcontext() if sync else run.model.no_sync()):
+            with grad_sync(run, k == A - 1):
                 with run.autocast:
                     loss, unweighted, n = diffusion_loss(run.model, x, x.masked_fill(masked, mask_id), masked, t,
-                                                         attn_mask_ratio=ratio, generator=noise)
+                                                         attn_mask_ratio=ratio, generator=noise, sp_group=run.sp_group)
                 (loss * (n * world_size / n_total)).backward()
             sums += torch.stack([loss.detach().float() * n, unweighted.detach().float() * n])
         if run.ddp:

@@ -6,6 +6,7 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
     python bench/bench_samplers.py --model_name out/adapt/final                 # all configurations, batch 1 and 8
     python bench/bench_samplers.py --model_name out/adapt/final --configs threshold0.9,threshold0.9+dual,ar_greedy
     python bench/bench_samplers.py --n_prompts 2 --gen_len 32 --batch_sizes 1    # a quick look
+    python bench/bench_samplers.py --configs threshold0.5+dual,factor1.0+dual,ar_greedy   # any threshold / factor
 
 Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
 training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
@@ -14,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -37,6 +39,27 @@ CONFIGS = {
     "ar_greedy": ("ar", dict(do_sample=False)),
     "ar_sampled": ("ar", dict(do_sample=True, top_p=0.9, temperature=1.0)),
 }
+
+
+CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor)([0-9.]*)(?:\+(prefix|dual))?$")
+
+
+def config(name):
+    """(sampler, keyword arguments) of a configuration: one of CONFIGS, or low_confidence / threshold<c> /
+    factor<f> with an optional +prefix or +dual cache (e.g. threshold0.5+dual, factor1.0), 32-token blocks."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    m = CONFIG_RE.match(name)
+    if not m or (m.group(1) == "low_confidence") == bool(m.group(2)):
+        return None
+    try:
+        value = float(m.group(2)) if m.group(2) else None
+    except ValueError:
+        return None
+    kw = dict(diffusion_steps=256, block_length=32, cache=m.group(3) or "none")
+    if m.group(1) == "low_confidence":
+        return "low_confidence", kw
+    return "threshold", {**kw, m.group(1): value} if m.group(1) == "threshold" else {**kw, "factor": value}
 
 
 def fixed_prompts(data_dir, n, words=24):
@@ -81,15 +104,20 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: time by this process's CPU time (time.process_time), for a machine shared with other "
+                        "jobs; with one thread it equals the wall time of an idle machine")
     args = p.parse_args(argv)
     for f in ("wiki_demo.txt", "c4_demo.json"):
         if not os.path.isfile(os.path.join(args.data_dir, f)):
             p.error(f"--data_dir {args.data_dir}: no {f}")
     names = [c for c in args.configs.split(",") if c]
-    bad = [c for c in names if c not in CONFIGS]
+    bad = [c for c in names if config(c) is None]
     if bad:
-        p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)})")
+        p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)}, or low_confidence / "
+                f"threshold<c> / factor<f> with +prefix or +dual)")
     dtype = args.dtype or default_dtype(args.device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     dlm = Scorer(args.model_name, device=args.device, dtype=dtype)
     ar = Scorer(args.model_name, ar=True, device=args.device, dtype=dtype)
     tok, model = dlm.tokenizer, dlm.model
@@ -98,7 +126,7 @@ def main(argv=None):
     rows = []
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         for name in names:
-            kind, kw = CONFIGS[name]
+            kind, kw = config(name)
             target = (ar.model if kind == "ar" else model.model).get_decoder()
             calls, handle = count_forwards(target)
             gens, secs = [], 0.0
@@ -106,7 +134,7 @@ def main(argv=None):
             torch.manual_seed(args.seed)
             for s in range(0, len(prompts), bs):
                 chunk = prompts[s:s + bs]
-                t0 = time.perf_counter()
+                t0 = clock()
                 if kind == "ar":
                     ids, att = ar._pad(prompt_ids[s:s + bs])
                     with torch.no_grad():
@@ -120,7 +148,7 @@ def main(argv=None):
                     gens += [out[b][gen[b]].tolist() for b in range(len(chunk))]
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                secs += time.perf_counter() - t0
+                secs += clock() - t0
             handle.remove()
             n_tok = args.gen_len * len(prompts)
             n_batches = math.ceil(len(prompts) / bs)
@@ -128,7 +156,7 @@ def main(argv=None):
                          gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens)))
             print(f"{name} batch {bs}: {rows[-1][2]:.2f} tokens/s", file=sys.stderr, flush=True)
     print(f"\n{args.model_name}, {len(prompts)} prompts, {args.gen_len} new tokens, {args.device} "
-          f"({torch.get_num_threads()} threads), {dtype}\n")
+          f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")
     print("| configuration | batch | tokens/s | forwards per token | gen. perplexity (AR parent) | unigram entropy (nats) |")
     print("|---|---|---|---|---|---|")
     for name, bs, tps, fpt, ppl, ent in rows:

@@ -50,3 +50,14 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
                     "--device", "cpu"])
     assert len(rows) == 6 and all(r[2] > 0 and r[3] > 0 and r[4] > 0 for r in rows)
     assert "| threshold0.9+dual | 2 |" in capsys.readouterr().out
+
+
+def test_config_names():
+    assert bs.config("threshold0.9+dual") == bs.CONFIGS["threshold0.9+dual"]
+    assert bs.config("threshold0.5+dual") == ("threshold", dict(diffusion_steps=256, block_length=32, cache="dual",
+                                                                threshold=0.5))
+    assert bs.config("factor1.5") == ("threshold", dict(diffusion_steps=256, block_length=32, cache="none", factor=1.5))
+    assert bs.config("low_confidence+prefix") == ("low_confidence", dict(diffusion_steps=256, block_length=32,
+                                                                         cache="prefix"))
+    for bad in ("threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense"):
+        assert bs.config(bad) is None, bad
