@@ -120,6 +120,10 @@ def check_sft_args(args):
         flag_error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
     if args.sampler == "block" and args.block_size is None:
         flag_error("--sampler block evaluates block-diffusion models: it needs --block_size")
+    if getattr(args, "sp_size", 1) != 1:
+        flag_error(f"--sp_size {args.sp_size}: train_sft.py has no sequence parallelism (train_adapt.py has); use 1")
+    if getattr(args, "fsdp", False):
+        flag_error("--fsdp: train_sft.py runs DDP only (FSDP is train_adapt.py's); leave --fsdp off")
     if args.same_token_labels:
         args.shift = False
 

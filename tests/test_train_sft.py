@@ -279,6 +279,7 @@ def test_lora_adapter_save_load_merge_identical(setup):
     (["--seq_len", "4"], r"--data .*toy.json record 1: the prompt has \d+ tokens, --seq_len is 4"),
     (["--pad_to", "7"], r"--data .*toy.json record 1: prompt \+ response \+ EOS = \d+ tokens, more than --pad_to 7"),
     (["--sampler", "block"], r"--sampler block .* needs --block_size"),
+    (["--fsdp"], r"--fsdp: train_sft.py runs DDP only"),
 ])
 def test_bad_flags_one_line(extra, pattern, setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
