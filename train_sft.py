@@ -13,9 +13,12 @@ cross-entropy), full or LoRA (peft), and dFactory / LLaDA2.0-style block-diffusi
     python sample.py --model_name out/adapt/final --adapter_path out/sft/final ...        # a LoRA run's adapter
     python sample.py --model_name out/sft/final --sampler block ...                       # a --block_size run
 
-The run machinery (flags of the run, DDP, the global batch, out_dir rules, atomic checkpoints and exact
-resume, the LR schedule, JSONL and tqdm logging, stop signals) is train_adapt.py's, imported; this file
-holds the data, the SFT loss step and the evaluation.
+The run machinery (flags of the run, DDP, --sp_size, --fsdp, the global batch, out_dir rules, atomic
+checkpoints and exact resume, the LR schedule, JSONL and tqdm logging, stop signals) is train_adapt.py's,
+imported; this file holds the data, the SFT loss step and the evaluation. --sp_size works for full and LoRA
+runs (not with --block_size), --fsdp for full runs (not with --lora_r).
+
+    torchrun --nproc_per_node=2 train_sft.py --data synthetic_arith --sp_size 2 --pad_to 128
 
 Data (--data, --eval_data): a .json list or .jsonl of {"instruction", "output"} pairs (the format of GSM8K's
 symbolic release), or of {"messages": [{"role", "content"}, ...]} chats rendered with the tokenizer's chat
@@ -45,13 +48,13 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 import math
 import os
 import random
-from contextlib import nullcontext
 
 import torch
 
 import train_adapt
-from train_adapt import (add_run_args, batch_blocks, cli, die, finish_run, flag_error, init_distributed, load_model,
-                         log0, make_optimizer, open_log, restore_run, run_main, start_run, train_loop, wrap_model, _Help)
+from train_adapt import (add_run_args, batch_blocks, cli, die, finish_run, flag_error, grad_sync, init_distributed,
+                         load_model, log0, make_optimizer, open_log, restore_run, run_main, start_run, train_loop,
+                         wrap_model, _Help)
 from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, diffusion_loss,
                    first_line, layout_rows, load_tokenizer, maskable_positions, max_positions, noise_draw,
                    resolve_model_path, sample, start_token_id)
@@ -120,10 +123,11 @@ def check_sft_args(args):
         flag_error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
     if args.sampler == "block" and args.block_size is None:
         flag_error("--sampler block evaluates block-diffusion models: it needs --block_size")
-    if getattr(args, "sp_size", 1) != 1:
-        flag_error(f"--sp_size {args.sp_size}: train_sft.py has no sequence parallelism (train_adapt.py has); use 1")
-    if getattr(args, "fsdp", False):
-        flag_error("--fsdp: train_sft.py runs DDP only (FSDP is train_adapt.py's); leave --fsdp off")
+    if args.sp_size > 1 and args.block_size:
+        flag_error(f"--sp_size {args.sp_size} with --block_size: ring attention takes no block-diffusion mask; "
+                   f"use --sp_size 1 for block-diffusion SFT")
+    if args.fsdp and args.lora_r is not None:
+        flag_error("--fsdp with --lora_r: LoRA trains a small adapter, shard nothing (DDP); leave --fsdp off")
     if args.same_token_labels:
         args.shift = False
 
@@ -234,10 +238,11 @@ def encode_pairs(tok, records, path, args, flag):
     return out
 
 
-def collate(examples, eos, pad_to=None):
-    """A batch [B, L] of [BOS] prompt response EOS..., EOS-padded to pad_to or the longest row; the prompt
-    mask, and each response's length (EOS padding included, LLaDA's answer length)."""
-    L = pad_to or max(len(p) + len(r) for p, r, _ in examples)
+def collate(examples, eos, pad_to=None, multiple=1):
+    """A batch [B, L] of [BOS] prompt response EOS..., EOS-padded to pad_to or the longest row (rounded up
+    to a multiple of `multiple`: --sp_size splits rows in equal chunks); the prompt mask, and each
+    response's length (EOS padding included, LLaDA's answer length)."""
+    L = pad_to or -(-max(len(p) + len(r) for p, r, _ in examples) // multiple) * multiple
     x = torch.full((len(examples), L), eos, dtype=torch.long)
     prompt = torch.zeros(len(examples), L, dtype=torch.bool)
     for b, (p, r, _) in enumerate(examples):
@@ -379,15 +384,28 @@ def train(argv, stop):
     gen_len = args.eval_gen_len or (max(len(r) for _, r, _ in eval_set) + 1 if eval_set else 1)
     sampler = eval_sampler(args)
 
+    # with --fsdp (every forward gathers weights: all ranks in step) or --sp_size (the ring runs one sequence
+    # over a group) every rank answers the whole evaluation set, the same way; else each rank a share
+    everyone = run.fsdp or run.sp_size > 1
+
     def evaluate():
         if not eval_set:
             return None
         raw.eval()
-        mine = eval_set[rank::W]
+        mine = eval_set if everyone else eval_set[rank::W]
+        if run.sp_size > 1:     # sampling runs whole rows on each rank: plain attention meanwhile
+            raw.model.set_attn_implementation(args.attn_implementation)
+        if run.fsdp:    # the samplers call the embeddings and head directly: a root forward first gathers the
+            with torch.no_grad():     # root's shards (and keeps them until reshard) and sets FSDP up in order
+                raw(torch.full((1, 1), eos, dtype=torch.long, device=run.device))
         with run.autocast:
             preds = answer(raw, mine, args, gen_len, sampler)
+        if run.fsdp:
+            raw.reshard()
+        if run.sp_size > 1:
+            raw.model.set_attn_implementation(run.attn)
         right = torch.tensor([float(sum(is_correct(p, ref) for p, (_, _, ref) in zip(preds, mine))), float(len(mine))])
-        if run.ddp:
+        if run.ddp and not everyone:
             torch.distributed.all_reduce(right)
         raw.train()
         acc = (right[0] / right[1].clamp(min=1)).item()
@@ -397,8 +415,8 @@ def train(argv, stop):
         return {"eval_accuracy": acc}
 
     B, A = args.batch_size, args.grad_accum
-    per_rank = B // W
-    me = slice(rank * per_rank, (rank + 1) * per_rank)
+    per_rank = B // run.dp_size
+    me = slice(run.dp_rank * per_rank, (run.dp_rank + 1) * per_rank)    # the ranks of a --sp_size group share rows
     by_length = args.loss_norm == "answer_length"
 
     def step_fn(step):
@@ -406,7 +424,7 @@ def train(argv, stop):
         micro, seen = [], counters["samples_seen"]
         for k in range(A):
             x, prompt, resp_len = collate([train_set[i] for i in batch_blocks(len(train_set), seen + k * B, B, args.seed)],
-                                          eos, args.pad_to)
+                                          eos, args.pad_to, run.sp_size)
             masked, t = noise_draw(maskable_positions(x, src_mask=prompt, shift=raw.shift), run.noise)
             micro.append((x, masked, t, resp_len))
         n_masked = sum(int(m[1].sum()) for m in micro)
@@ -417,12 +435,14 @@ def train(argv, stop):
             xt = x.masked_fill(masked, raw.mask_token_id)
             if args.block_size:
                 xt = block_inputs(x, xt, args.block_size, raw.shift)
-            with (nullcontext() if not run.ddp or k == A - 1 else run.model.no_sync()), run.autocast:
-                loss, unweighted, n = diffusion_loss(run.model, x, xt, masked, t, answer_length=resp_len if by_length else None,
-                                                     block_size=args.block_size)
-            share = x.shape[0] if by_length else n
-            (loss * (share * W / total)).backward()
-            sums += torch.stack([loss.detach().float() * share, unweighted.detach().float() * n])
+            # answer_length: each masked token weighs 1 / (t * its response length), the sum over the step is
+            # divided by the step's sequences (total); as a masked-token mean with t * length in place of t, times
+            # this rank's masked count, it is this rank's (or this chunk's, with --sp_size) share of that sum
+            with grad_sync(run, k == A - 1), run.autocast:
+                loss, unweighted, n = diffusion_loss(run.model, x, xt, masked, t * resp_len if by_length else t,
+                                                     block_size=args.block_size, sp_group=run.sp_group)
+            (loss * (n * W / total)).backward()
+            sums += torch.stack([loss.detach().float() * n, unweighted.detach().float() * n])
         if run.ddp:
             torch.distributed.all_reduce(sums)
         tokens = sum(m[0].numel() for m in micro)

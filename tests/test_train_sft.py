@@ -279,7 +279,7 @@ def test_lora_adapter_save_load_merge_identical(setup):
     (["--seq_len", "4"], r"--data .*toy.json record 1: the prompt has \d+ tokens, --seq_len is 4"),
     (["--pad_to", "7"], r"--data .*toy.json record 1: prompt \+ response \+ EOS = \d+ tokens, more than --pad_to 7"),
     (["--sampler", "block"], r"--sampler block .* needs --block_size"),
-    (["--fsdp"], r"--fsdp: train_sft.py runs DDP only"),
+    (["--fsdp", "--lora_r", "4"], r"--fsdp with --lora_r: LoRA trains a small adapter"),
 ])
 def test_bad_flags_one_line(extra, pattern, setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -334,6 +334,30 @@ def test_ddp_two_processes_match_one(setup):
         for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-5)
+
+
+@pytest.mark.parametrize("name,scaleout,shared", [
+    ("sp", ["--sp_size", "2"], ["--loss_norm", "answer_length"]),   # each rank runs half of every sequence (ring)
+    ("fsdp", ["--fsdp"], ["--block_size", "4"]),                     # weights and AdamW states sharded
+    ("sp_lora", ["--sp_size", "2"], ["--lora_r", "4", "--modules_to_save", "embed_tokens"]),
+])
+def test_scaleout_two_processes_match_one(setup, name, scaleout, shared):
+    """--sp_size 2 (full and LoRA) and --fsdp on 2 gloo ranks give the one-process run: the loss curve, the
+    evaluation (every rank samples the whole set) and the weights (the adapter's with LoRA)."""
+    extra = ["--max_steps", "3", "--grad_accum", "2", "--pad_to", "16", "--eval_data", setup["data"],
+             "--eval_every", "3", "--eval_batch_size", "3", *shared]
+    multi, single = setup["dir"] / name, setup["dir"] / f"{name}_single"
+    torchrun2("train_sft.py", common(setup, multi, *extra, *scaleout), subprocess_env())
+    train_sft.main(common(setup, single, *extra))
+    from safetensors.torch import load_file
+    weights = "adapter_model.safetensors" if "--lora_r" in shared else "model.safetensors"
+    assert_close_weights(load_file(multi / "final" / weights), load_file(single / "final" / weights))
+    la, lb = read_log(multi), read_log(single)
+    assert len(la) == len(lb) == 4 and "eval_accuracy" in la[-1]
+    for x, y in zip(la, lb):
+        for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (k, x, y)
 
 
 def test_kill_and_resume(setup):
