@@ -159,7 +159,7 @@ RING = "ring"
 _warned = set()
 
 
-def _group_info(group):
+def group_rank_size(group):
     """(rank, size) in `group`; (0, 1) for None: no sequence parallelism, the chunk is the whole sequence."""
     import torch.distributed as dist
     if group is None:
@@ -170,7 +170,7 @@ def _group_info(group):
 def _ring_pass(send, recv, group, tag):
     """Start sending the tensors `send` to the next rank of the ring and receiving `recv` from the previous."""
     import torch.distributed as dist
-    rank, size = _group_info(group)
+    rank, size = group_rank_size(group)
     nxt, prv = dist.get_global_rank(group, (rank + 1) % size), dist.get_global_rank(group, (rank - 1) % size)
     ops = [dist.P2POp(dist.isend, t, nxt, group, tag) for t in send]
     ops += [dist.P2POp(dist.irecv, t, prv, group, tag) for t in recv]
@@ -199,6 +199,11 @@ def _ring_block_mask(rows, col0, n_cols, pad, anneal):
     return mask
 
 
+def _cpu_bias(mask, dtype):
+    """The CPU flash kernel's additive mask: 0 where `mask` attends, -inf elsewhere (None: no mask)."""
+    return None if mask is None else torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
 def _acc(x):
     """The accumulation dtype: fp32, or float64 for float64 inputs."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -218,7 +223,7 @@ def _block_forward(q, k, v, mask, scale):
                                       causal=False, return_attn_probs=True)
         return out.transpose(1, 2), lse[..., :q.shape[2]].float()
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        bias = _cpu_bias(mask, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
                                                                               scale=scale)
         lse = lse.float()
@@ -258,7 +263,7 @@ def _block_backward(dout, q, k, v, out, lse, mask, scale):
     # rows that see no key anywhere have lse = -inf: +inf makes their softmax exp(-inf - inf) = 0
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        bias = _cpu_bias(mask, q.dtype)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
     g, f = q.shape[1] // k.shape[1], _acc(q)
@@ -287,7 +292,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pad, group, anneal, scale):
-        rank, size = _group_info(group)
+        rank, size = group_rank_size(group)
         n = q.shape[2]
         rows = torch.arange(rank * n, (rank + 1) * n, device=q.device)
         out = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
@@ -313,7 +318,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, pad = ctx.saved_tensors
         group, anneal, scale = ctx.group, ctx.anneal, ctx.scale
-        rank, size = _group_info(group)
+        rank, size = group_rank_size(group)
         n = q.shape[2]
         dout = dout.contiguous()
         rows = torch.arange(rank * n, (rank + 1) * n, device=q.device)

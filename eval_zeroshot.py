@@ -405,7 +405,7 @@ class Scorer:
         steps = self.diffusion_steps or n
         g = torch.Generator(device=self.device).manual_seed(self.seed)
         return sample(self.model, batch, self.sampler, steps, self.logits_temp, self.topp_temp,
-                      self.block_length or n, self.temperature, self.threshold, self.factor, generator=g)
+                      self.block_length, self.temperature, self.threshold, self.factor, generator=g)
 
     @torch.no_grad()
     def generate(self, rows, stop_at_eos=False, progress=None):
@@ -643,7 +643,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--sampler", default="low_confidence", help=f"generative tasks: one of {', '.join(SAMPLERS)}")
     a("--diffusion_steps", type=int, default=None, help="default: one token per step")
-    a("--block_length", type=int, default=None, help="low_confidence/random: semi-AR block length (default: the span)")
+    a("--block_length", type=int, default=None,
+      help="low_confidence/random/threshold: semi-AR block length (default: the span); block: default the model's block_size")
     a("--temperature", type=float, default=0.0, help="low_confidence/random: Gumbel temperature (0 = greedy)")
     a("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
     a("--topp_temp", type=float, default=0.9, help="diffullama: top-p")

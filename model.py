@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, make_bidirectional,
+from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, group_rank_size, make_bidirectional,
                              resolve_attn_implementation)
 
 NEW_MASK_TOKEN = "<|mdm_mask|>"
@@ -52,14 +52,24 @@ def check_output_file(path, error):
         error(f"--output {path}: its folder does not exist")
 
 
+def cache_conflict(sampler, cache):
+    """Why --cache cannot go with this sampler, or None."""
+    if cache == "none":
+        return None
+    if sampler == "diffullama":
+        return "--cache works with the block samplers (low_confidence, random, threshold), not diffullama"
+    if sampler == "block":
+        return "--cache: the block sampler always caches the finished blocks (exactly): leave --cache none"
+    return None
+
+
 def check_sampler_args(args, error):
     """The sampler flags sample.py and eval_zeroshot.py share, checked before any model loads."""
     if args.sampler not in SAMPLERS:
         error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    if getattr(args, "cache", "none") != "none" and args.sampler == "diffullama":
-        error("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
-    if getattr(args, "cache", "none") != "none" and args.sampler == "block":
-        error("--cache: the block sampler always caches the finished blocks (exactly): leave --cache none")
+    conflict = cache_conflict(args.sampler, getattr(args, "cache", "none"))
+    if conflict:
+        error(conflict)
     for flag in ("diffusion_steps", "block_length"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -411,12 +421,8 @@ class DiscreteDiffusionModel(nn.Module):
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                           use_cache=False, is_causal=False, **extra).last_hidden_state
         if output_mask is not None:
-            hidden = hidden[output_mask]
-        elif target_mask is not None:
-            if self.shift and target_mask[:, 0].any():
-                raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
-            hidden = hidden[:, :-1][target_mask[:, 1:]] if self.shift else hidden[target_mask]
-        return self.model.get_output_embeddings()(hidden)
+            return self.model.get_output_embeddings()(hidden[output_mask])
+        return self._logits(hidden, target_mask)
 
     def _block_forward(self, input_ids, attention_mask, target_mask, block_size):
         B, L2 = input_ids.shape
@@ -434,6 +440,10 @@ class DiscreteDiffusionModel(nn.Module):
             raise ValueError("block-diffusion training needs a 4D mask: use --attn_implementation sdpa or eager")
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                           use_cache=False, is_causal=False).last_hidden_state[:, :L]
+        return self._logits(hidden, target_mask)
+
+    def _logits(self, hidden, target_mask=None):
+        """The LM head on all of `hidden`, or on the rows that predict target_mask's positions."""
         if target_mask is not None:
             if self.shift and target_mask[:, 0].any():
                 raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
@@ -482,33 +492,31 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
 
 
 def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
-                   sp_group=None, answer_length=None, block_size=None):
+                   sp_group=None, block_size=None):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
     also the unweighted mean CE. `model` may be wrapped in DDP or FSDP (its forward is called). Returns
     (loss, unweighted_loss, n_masked). With sp_group (sequence parallelism: the model runs ring
     attention, every rank of the group passes the same whole rows), this rank scores its own chunk only
     (sequence_parallel_loss): loss * n summed over the group, divided by the summed n, is the loss.
-    answer_length [B] (LLaDA's SFT normalisation): each masked token weighs 1 / (t * answer_length of its
-    row) and the sum is divided by the number of rows instead.
+    LLaDA's SFT normalisation (each masked token weighs 1 / (t * its row's answer length), the sum divided by
+    the rows) is this loss with t * answer_length in place of t, times n / rows (train_sft.py).
     block_size: block-diffusion training, xt is the [noisy ; clean] input of block_inputs (see forward)."""
     if sp_group is not None:
-        if answer_length is not None or block_size is not None:
-            raise ValueError("sequence parallelism supports the masked normalisation without block diffusion only")
+        if block_size is not None:
+            raise ValueError("sequence parallelism does not run block diffusion")
         return sequence_parallel_loss(model, input_ids, xt, masked, t, sp_group, attention_mask, attn_mask_ratio,
                                       generator)
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
                    target_mask=masked, block_size=block_size)
-    per_row = 1.0 / t if answer_length is None else 1.0 / (t * answer_length)
-    weight = per_row[:, None].expand_as(masked)[masked]
-    return _weighted_ce(logits, input_ids[masked], weight, masked.sum(),
-                        None if answer_length is None else masked.shape[0])
+    weight = (1.0 / t)[:, None].expand_as(masked)[masked]
+    return _weighted_ce(logits, input_ids[masked], weight, masked.sum())
 
 
-def _weighted_ce(logits, targets, weight, n, loss_denom=None):
-    """(sum of CE * weight / loss_denom (default: n), mean CE, n)."""
+def _weighted_ce(logits, targets, weight, n):
+    """(sum of CE * weight / n, mean CE, n)."""
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     denom = n.clamp(min=1)
-    return (ce * weight).sum() / (denom if loss_denom is None else loss_denom), ce.sum() / denom, n
+    return (ce * weight).sum() / denom, ce.sum() / denom, n
 
 
 # -----------------------------------------------------------------------------
@@ -546,12 +554,6 @@ def block_inputs(input_ids, xt, block_size, shift=False):
 # -----------------------------------------------------------------------------
 # sequence parallelism: one sequence split over the ranks of a group (ring attention in attention_patch.py)
 
-def sp_rank_size(group):
-    """(rank, size) of this process in the sequence-parallel group."""
-    import torch.distributed as dist
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def sequence_chunk(x, rank, size, dim=1):
     """The contiguous chunk `rank` of `size` equal chunks of x along `dim` (the sequence)."""
     n = x.shape[dim]
@@ -585,7 +587,7 @@ def sequence_parallel_loss(model, input_ids, xt, masked, t, group, attention_mas
     its chunk with its global positions through the ring-attention model and scores the outputs of its
     chunk. Returns (loss, unweighted_loss, n) of the chunk, n = its scored tokens; reduce_loss gives the
     loss of the whole rows, equal to the single-process one. Every rank draws the same annealing seed."""
-    rank, size = sp_rank_size(group)
+    rank, size = group_rank_size(group)
     shift = getattr(model, "module", model).shift      # through a DDP wrapper
     scored, target = shifted_targets(input_ids, masked, shift)
     chunk = lambda x: None if x is None else sequence_chunk(x, rank, size)
@@ -1104,9 +1106,9 @@ SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block")
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
            temperature=0.0, threshold=0.9, factor=None, cache="none", stop_at_eos=False, generator=None, callback=None):
     """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
+    if cache_conflict(sampler, cache):
+        raise ValueError(cache_conflict(sampler, cache))
     if sampler == "diffullama":
-        if cache != "none":
-            raise ValueError("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
         return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
                                 topp_temp=topp_temp, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
     if sampler in ("low_confidence", "random", "threshold"):
@@ -1115,8 +1117,6 @@ def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0
                               temperature=temperature, remasking=sampler, threshold=threshold, factor=factor,
                               cache=cache, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
     if sampler == "block":
-        if cache != "none":
-            raise ValueError("--cache: the block sampler always caches the finished blocks (exactly): leave --cache none")
         block_length = block_length or getattr(model.config, "block_size", None)
         if block_length is None:
             raise ValueError("--sampler block needs --block_length (the model's config has no block_size)")

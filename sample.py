@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--diffusion_steps", type=int, default=64)
     p.add_argument("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
     p.add_argument("--topp_temp", type=float, default=0.9, help="diffullama: top-p (1.0 = off)")
-    p.add_argument("--block_length", type=int, default=None, help="low_confidence/random: semi-AR block length (default gen_len)")
+    p.add_argument("--block_length", type=int, default=None, help="low_confidence/random/threshold: semi-AR block length (default gen_len); "
+                   "block: default the model's block_size")
     p.add_argument("--temperature", type=float, default=0.0, help="low_confidence/random/threshold: Gumbel temperature (0 = greedy)")
     p.add_argument("--threshold", type=float, default=0.9, help="threshold: commit every position this confident (0-1]")
     p.add_argument("--factor", type=float, default=None, help="threshold: the factor rule instead, (n + 1)(1 - c_n) < factor")

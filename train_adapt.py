@@ -908,8 +908,6 @@ def restore_handlers(previous):
 
 
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # the run machinery, shared with train_sft.py: set-up, model, optimizer, log, the loop, the end
 
 def start_run(parser, argv, fixed_on_resume):
@@ -948,7 +946,7 @@ def start_run(parser, argv, fixed_on_resume):
     if args_device.startswith("cuda"):
         if not torch.cuda.is_available():
             die(f"--device {args_device}: CUDA is not available")
-        device = f"cuda:{local_rank}" if world_size > 1 else args_device
+        device = f"cuda:{local_rank}" if world_size > 1 or args_device == "cuda" else args_device   # set_device needs an index
         torch.cuda.set_device(device)
     else:
         device = args_device
@@ -972,6 +970,23 @@ def start_run(parser, argv, fixed_on_resume):
     if getattr(args, "fsdp", False) and world_size == 1:
         warn0("--fsdp with one process: nothing to shard, training as usual")
     return args, run
+
+
+def base_tokenizer(args):
+    """The tokenizer of --model_name (before [MASK] is added), which tokenises the data; the model's positions
+    bound --seq_len. Reads the config only: the weights load later (load_model)."""
+    try:
+        base_path = resolve_model_path(args.model_name)
+        from transformers import AutoConfig
+        limit = max_positions(AutoConfig.from_pretrained(base_path))
+    except (OSError, ValueError) as e:
+        die(f"--model_name {args.model_name}: {first_line(e)}")
+    if limit is not None and args.seq_len > limit:
+        die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
+    tok = load_tokenizer(base_path)
+    if tok is None:
+        die(f"--model_name {args.model_name}: no tokenizer found in {base_path}")
+    return tok
 
 
 def init_distributed(args, run):
@@ -1265,19 +1280,7 @@ def main(argv=None):
 def train(argv, stop):
     args, run = start_run(build_parser(), argv, FIXED_ON_RESUME)
 
-    # the base model: its positions bound --seq_len; its tokenizer (before [MASK] is added) tokenises the data
-    try:
-        base_path = resolve_model_path(args.model_name)
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(base_path)
-    except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {first_line(e)}")
-    limit = max_positions(config)
-    if limit is not None and args.seq_len > limit:
-        die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
-    tok = load_tokenizer(base_path)
-    if tok is None:
-        die(f"--model_name {args.model_name}: no tokenizer found in {base_path}")
+    tok = base_tokenizer(args)
     tok.model_max_length = int(1e30)  # we tokenise whole documents, then pack
 
     # data (one tokenising process per node; the others wait for its cache)

@@ -52,12 +52,11 @@ import random
 import torch
 
 import train_adapt
-from train_adapt import (add_run_args, batch_blocks, cli, die, finish_run, flag_error, grad_sync, init_distributed,
-                         load_model, log0, make_optimizer, open_log, restore_run, run_main, start_run, train_loop,
-                         wrap_model, _Help)
-from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, diffusion_loss,
-                   first_line, layout_rows, load_tokenizer, maskable_positions, max_positions, noise_draw,
-                   resolve_model_path, sample, start_token_id)
+from train_adapt import (add_run_args, base_tokenizer, batch_blocks, cli, die, finish_run, flag_error, grad_sync,
+                         init_distributed, load_model, log0, make_optimizer, open_log, restore_run, run_main, start_run,
+                         train_loop, wrap_model, _Help)
+from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, diffusion_loss, layout_rows, maskable_positions,
+                   noise_draw, sample, start_token_id)
 from eval_zeroshot import EvalError, field, gsm8k_number, normalize_answer, read_records
 
 PROG = "train_sft.py"
@@ -342,17 +341,7 @@ def train(argv, stop):
         args.eval_data = os.path.abspath(args.eval_data)
 
     # tokenizer and data (small: held in memory, tokenised up front)
-    try:
-        base_path = resolve_model_path(args.model_name)
-        from transformers import AutoConfig
-        limit = max_positions(AutoConfig.from_pretrained(base_path))
-    except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {first_line(e)}")
-    if limit is not None and args.seq_len > limit:
-        die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
-    tok = load_tokenizer(base_path)
-    if tok is None:
-        die(f"--model_name {args.model_name}: no tokenizer found in {base_path}")
+    tok = base_tokenizer(args)
     records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
     train_set = encode_pairs(tok, records, path, args, "--data")
     eval_set = []

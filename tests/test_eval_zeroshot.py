@@ -193,6 +193,21 @@ def test_diffusion_greedy_flag_is_the_greedy_sampler(models):
     assert s.loglik([(ctx, other + filled[len(other):])], greedy=True)[0][1] is False
 
 
+def test_block_sampler_takes_the_models_block_size(models, tmp_path, monkeypatch):
+    """--sampler block without --block_length denoises in the blocks the model was trained with (config.block_size)."""
+    import model
+    m = DiscreteDiffusionModel.from_pretrained(models["dlm"])
+    m.config.block_size = 2
+    m.save_pretrained(tmp_path / "blk")
+    seen, real = [], model.generate_block
+    monkeypatch.setattr(model, "generate_block", lambda *a, **k: seen.append(k["block_length"]) or real(*a, **k))
+    s = scorer(str(tmp_path / "blk"), sampler="block")
+    ctx = s.encode_pair("the king said", "")[0]
+    default = s.generate([(ctx, 6, [])])
+    assert seen == [2]
+    assert default == scorer(str(tmp_path / "blk"), sampler="block", block_length=2).generate([(ctx, 6, [])])
+
+
 # -- end to end ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ar", [False, True])

@@ -67,7 +67,8 @@ def test_prompt_never_masked_and_both_normalisations(shift):
     with torch.no_grad():
         full = m(xt).float()                                    # [B, L, V]; with shift row i predicts token i + 1
         loss_m, unw_m, n = diffusion_loss(m, x, xt, masked, t)
-        loss_a, unw_a, _ = diffusion_loss(m, x, xt, masked, t, answer_length=resp_len)
+        loss_a, unw_a, n_a = diffusion_loss(m, x, xt, masked, t * resp_len)    # train_sft.py: answer_length
+        loss_a = loss_a * n_a / x.shape[0]
     sum_m = sum_a = sum_u = 0.0
     count = 0
     for b in range(2):
