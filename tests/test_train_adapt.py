@@ -359,3 +359,14 @@ def test_resume_with_nothing_to_resume(setup, tmp_path):
     assert (tmp_path / "out" / "x.txt").read_text() == "keep"
     with pytest.raises(SystemExit, match="exclude each other"):
         ta.main(bad(setup, tmp_path, "--resume", "--overwrite"))
+
+
+def test_plain_cuda_device_gets_an_index(tmp_path, monkeypatch):
+    """--device cuda on one process becomes cuda:0: torch.cuda.set_device refuses a device without an index."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d) or torch.device(d).index)
+    args, run = ta.start_run(ta.build_parser(), ["--device", "cuda", "--out_dir", str(tmp_path / "o")],
+                              ta.FIXED_ON_RESUME)
+    assert run.device == "cuda:0" and calls == ["cuda:0"] and run.dtype == "bfloat16"
