@@ -265,10 +265,11 @@ def mean_stderr(values):
 # -----------------------------------------------------------------------------
 # the scorer: one model, diffusion (ELBO, the samplers) or AR (exact log-likelihood, greedy decoding)
 
-def ar_parent(model_name, base_model_name=None):
+def ar_parent(model_name, base_model_name=None, _depth=0):
     """The AR model a diffusion checkpoint came from: `adapted_from` in its config, else --base_model_name
     (a DiffuGPT checkpoint's GPT-2), else `model_name` in the args.json of the run folder around it, else
-    the model itself."""
+    the model itself. A parent that is itself a diffusion checkpoint (a train_sft.py run started from a
+    train_adapt.py checkpoint) is followed to its own parent."""
     try:
         path = resolve_model_path(model_name)
     except FileNotFoundError as e:
@@ -285,6 +286,9 @@ def ar_parent(model_name, base_model_name=None):
         parent = (entry(os.path.join(path, "config.json"), "adapted_from") or base_model_name
                   or entry(os.path.join(run_dir, "args.json"), "model_name")
                   or entry(os.path.join(path, "args.json"), "model_name"))
+        if parent and parent != model_name and _depth < 8 and os.path.isdir(parent) \
+                and entry(os.path.join(parent, "config.json"), "is_causal") is False:
+            return ar_parent(parent, None, _depth + 1)
         if parent:
             return parent
     return model_name

@@ -10,6 +10,14 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
 
 Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
 training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
+
+--prompts synthetic_arith: the first --n_prompts problems of train_sft.py's synthetic_arith test split
+as prompts ("Question: ...\nAnswer:"), for a model fine-tuned on them; the table adds the accuracy of
+the answers (the number after '####', text up to EOS). Predictable answers are where parallel decoding
+commits several tokens a step:
+
+    python bench/bench_samplers.py --model_name out/sft/final --prompts synthetic_arith --gen_len 35 \
+        --batch_sizes 1 --configs low_confidence,threshold0.9,threshold0.7,threshold0.5
 """
 import argparse
 import json
@@ -98,6 +106,8 @@ def main(argv=None):
     p.add_argument("--model_name", default="smollm2-135m")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="holds wiki_demo.txt and c4_demo.json")
     p.add_argument("--n_prompts", type=int, default=20)
+    p.add_argument("--prompts", default="corpus", choices=["corpus", "synthetic_arith"],
+                   help="corpus: wiki/C4 openings; synthetic_arith: train_sft.py's test problems (adds accuracy)")
     p.add_argument("--gen_len", type=int, default=256)
     p.add_argument("--batch_sizes", default="1,8")
     p.add_argument("--configs", default=",".join(CONFIGS))
@@ -108,7 +118,7 @@ def main(argv=None):
                    help="cpu: time by this process's CPU time (time.process_time), for a machine shared with other "
                         "jobs; with one thread it equals the wall time of an idle machine")
     args = p.parse_args(argv)
-    for f in ("wiki_demo.txt", "c4_demo.json"):
+    for f in ("wiki_demo.txt", "c4_demo.json") if args.prompts == "corpus" else ():
         if not os.path.isfile(os.path.join(args.data_dir, f)):
             p.error(f"--data_dir {args.data_dir}: no {f}")
     names = [c for c in args.configs.split(",") if c]
@@ -121,7 +131,14 @@ def main(argv=None):
     dlm = Scorer(args.model_name, device=args.device, dtype=dtype)
     ar = Scorer(args.model_name, ar=True, device=args.device, dtype=dtype)
     tok, model = dlm.tokenizer, dlm.model
-    prompts = fixed_prompts(args.data_dir, args.n_prompts)
+    refs = None
+    if args.prompts == "synthetic_arith":
+        import train_sft
+        problems = train_sft.synthetic_arith("test", args.n_prompts)
+        prompts = [train_sft.PROMPT.format(r["instruction"]) for r in problems]
+        refs = [r["output"] for r in problems]
+    else:
+        prompts = fixed_prompts(args.data_dir, args.n_prompts)
     prompt_ids = [dlm.encode_pair(q, "")[0] for q in prompts]
     with torch.no_grad():   # warm-up outside the clock (kernel selection, CUDA context, allocator)
         sample(model, build_inputs(tok, prompts[:1], 8, mask_token_id=model.mask_token_id), "low_confidence",
@@ -158,15 +175,25 @@ def main(argv=None):
             n_tok = args.gen_len * len(prompts)
             n_batches = math.ceil(len(prompts) / bs)
             rows.append((name, bs, n_tok / secs, calls[0] / (n_batches * args.gen_len),
-                         gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens)))
+                         gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens),
+                         None if refs is None else accuracy(tok, gens, refs)))
             print(f"{name} batch {bs}: {rows[-1][2]:.2f} tokens/s", file=sys.stderr, flush=True)
     print(f"\n{args.model_name}, {len(prompts)} prompts, {args.gen_len} new tokens, {args.device} "
           f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")
-    print("| configuration | batch | tokens/s | forwards per token | gen. perplexity (AR parent) | unigram entropy (nats) |")
-    print("|---|---|---|---|---|---|")
-    for name, bs, tps, fpt, ppl, ent in rows:
-        print(f"| {name} | {bs} | {tps:.2f} | {fpt:.3f} | {ppl:.1f} | {ent:.2f} |")
+    acc = "" if refs is None else " accuracy |"
+    print("| configuration | batch | tokens/s | forwards per token | gen. perplexity (AR parent) | unigram entropy (nats) |" + acc)
+    print("|---|---|---|---|---|---|" + ("---|" if acc else ""))
+    for name, bs, tps, fpt, ppl, ent, right in rows:
+        print(f"| {name} | {bs} | {tps:.2f} | {fpt:.3f} | {ppl:.1f} | {ent:.2f} |" + ("" if right is None else f" {right:.3f} |"))
     return rows
+
+
+def accuracy(tok, gens, refs):
+    """The share of generations (token ids, cut at EOS) whose answer is right (train_sft.is_correct)."""
+    from train_sft import is_correct
+    eos = tok.eos_token_id
+    texts = [tok.decode(g[:g.index(eos)] if eos in g else g, skip_special_tokens=True) for g in gens]
+    return sum(is_correct(t, r) for t, r in zip(texts, refs)) / len(refs)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,29 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     assert "| threshold0.9+dual | 2 |" in capsys.readouterr().out
 
 
+def test_accuracy_by_hand():
+    class Tok:
+        eos_token_id = 0
+        words = {1: " <<2+3=5>>", 2: " #### 5", 3: " #### 7", 4: " #### 1,000"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.words[i] for i in ids)
+    gens = [[1, 2, 0, 3], [3, 0, 2], [4], [0, 2]]          # right; wrong (after EOS does not count); right; empty
+    refs = ["<<2+3=5>> #### 5", "#### 5", "#### 1000", "#### 5"]
+    assert bs.accuracy(Tok(), gens, refs) == 0.5
+
+
+def test_synthetic_arith_prompts_add_accuracy(tmp_path, capsys):
+    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=128)
+    from model import DiscreteDiffusionModel
+    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
+    rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--prompts", "synthetic_arith", "--n_prompts", "2",
+                    "--gen_len", "6", "--batch_sizes", "2", "--configs", "threshold0.5", "--device", "cpu",
+                    "--data_dir", str(tmp_path / "nothing")])
+    assert len(rows) == 1 and rows[0][6] == 0.0         # a random model answers nothing right
+    assert "| threshold0.5 | 2 |" in capsys.readouterr().out
+
+
 def test_config_names():
     assert bs.config("threshold0.9+dual") == bs.CONFIGS["threshold0.9+dual"]
     assert bs.config("threshold0.5+dual") == ("threshold", dict(diffusion_steps=256, block_length=32, cache="dual",

@@ -170,6 +170,17 @@ def test_ar_matches_hand_computation(models):
 def test_ar_flag_scores_the_parent(models):
     assert ez.ar_parent(models["dlm"]) == os.path.abspath(models["ar"])
     assert ez.ar_parent(models["ar"]) == models["ar"]
+
+
+def test_ar_parent_of_a_fine_tuned_checkpoint(models, tmp_path):
+    """A fine-tuning run started from a diffusion checkpoint: --ar follows it back to the AR model."""
+    import json
+    sft = tmp_path / "sft"
+    m = DiscreteDiffusionModel.from_pretrained(models["dlm"])
+    m.model.config.adapted_from = None
+    m.save_pretrained(sft / "final")
+    (sft / "args.json").write_text(json.dumps({"model_name": models["dlm"]}))
+    assert ez.ar_parent(str(sft / "final")) == os.path.abspath(models["ar"])
     assert scorer(models["dlm"], ar=True).model_name == os.path.abspath(models["ar"])
 
 
