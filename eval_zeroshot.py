@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from attention_patch import resolve_attn_implementation
 from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, check_output_file, check_sampler_args,
-                   default_device, default_dtype, elbo_loglik, first_line, layout_rows, load_tokenizer, max_positions,
+                   cut_at_eos, default_device, default_dtype, elbo_loglik, first_line, layout_rows, load_tokenizer, max_positions,
                    pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
 TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "rocstories", "triviaqa", "gsm8k")
@@ -438,7 +438,7 @@ class Scorer:
                 gen = [f[m].tolist() for f, m in zip(filled, gen_mask)]
             eos = self.tokenizer.eos_token_id
             if stop_at_eos and eos is not None:
-                gen = [g[:g.index(eos)] if eos in g else g for g in gen]
+                gen = [cut_at_eos(g, eos) for g in gen]
             for i, g in zip(idx, gen):
                 out[i] = g
             if progress is not None:

@@ -585,8 +585,9 @@ def sequence_parallel_loss(model, input_ids, xt, masked, t, group, attention_mas
                            generator=None):
     """diffusion_loss of whole rows split over `group` (every rank passes the same rows): this rank runs
     its chunk with its global positions through the ring-attention model and scores the outputs of its
-    chunk. Returns (loss, unweighted_loss, n) of the chunk, n = its scored tokens; reduce_loss gives the
-    loss of the whole rows, equal to the single-process one. Every rank draws the same annealing seed."""
+    chunk. Returns (loss, unweighted_loss, n) of the chunk, n = its scored tokens; the n-weighted mean of the
+    group's losses is the loss of the whole rows, equal to the single-process one. Every rank draws the
+    same annealing seed."""
     rank, size = group_rank_size(group)
     shift = getattr(model, "module", model).shift      # through a DDP wrapper
     scored, target = shifted_targets(input_ids, masked, shift)
@@ -597,14 +598,6 @@ def sequence_parallel_loss(model, input_ids, xt, masked, t, group, attention_mas
                    sp_group=group)
     weight = chunk((1.0 / t)[:, None].expand_as(masked))[keep]
     return _weighted_ce(logits, chunk(target)[keep], weight, keep.sum())
-
-
-def reduce_loss(loss, n, group=None):
-    """The mean over a group of per-rank (loss, n) pairs, weighted by n: the loss of the whole rows."""
-    import torch.distributed as dist
-    sums = torch.stack([loss.detach().double() * n, n.double()])
-    dist.all_reduce(sums, group=group)
-    return sums[0] / sums[1].clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
@@ -820,7 +813,7 @@ def refresh_cache(model, x, att, block, mode, positions):
     B, L = x.shape
     cols = block.any(0).nonzero().squeeze(1)
     ws, we = int(cols[0]) - int(model.shift), (int(cols[-1]) + 1 if mode == "dual" else L)
-    pos = positions_from_mask(att) if att is not None else torch.arange(L, device=x.device).expand(B, L)
+    pos = sequence_positions(x, att)
     out = model.model.get_decoder()(input_ids=x, attention_mask=att, position_ids=pos, use_cache=True, is_causal=False)
     keep = torch.cat([torch.arange(ws, device=x.device), torch.arange(we, L, device=x.device)])
     cache = DynamicCache(ddp_cache_data=[(layer.keys[:, :, keep], layer.values[:, :, keep])
@@ -837,6 +830,11 @@ def cached_step_logits(model, x, positions, state):
                                     past_key_values=state["cache"], use_cache=True, is_causal=False)
     state["cache"].crop(-(we - ws))                          # drop the window's keys again: the cache stays as refreshed
     return _head(model, out.last_hidden_state, positions, ws)
+
+
+def cut_at_eos(ids, eos):
+    """A generated list of token ids up to (not including) its first EOS."""
+    return ids[:ids.index(eos)] if eos in ids else ids
 
 
 def eos_id(model, eos_token_id=None):
@@ -1106,8 +1104,9 @@ SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block")
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
            temperature=0.0, threshold=0.9, factor=None, cache="none", stop_at_eos=False, generator=None, callback=None):
     """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
-    if cache_conflict(sampler, cache):
-        raise ValueError(cache_conflict(sampler, cache))
+    conflict = cache_conflict(sampler, cache)
+    if conflict:
+        raise ValueError(conflict)
     if sampler == "diffullama":
         return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
                                 topp_temp=topp_temp, stop_at_eos=stop_at_eos, generator=generator, callback=callback)

@@ -452,8 +452,8 @@ def write_checkpoint(out_dir, name, raw, optimizer, state, rngs, full=None):
                     {n for n, _ in raw.model.named_parameters()})   # saved once, as save_pretrained does
             raw.save_pretrained(tmp, state_dict={k: v for k, v in ((k.removeprefix("model."), v) for k, v in full[0].items())
                                                  if k not in tied})
-            order = [fqn for g in full[1]["param_groups"] for fqn in g["params"]]
-            opt = {"state": {i: full[1]["state"][fqn] for i, fqn in enumerate(order) if fqn in full[1]["state"]}}
+            opt = {"state": {i: full[1]["state"][fqn] for i, fqn in enumerate(param_order(full[1]))
+                             if fqn in full[1]["state"]}}
         tensors = {f"{i}.{k}": v.detach().contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()
                    if torch.is_tensor(v)}
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
@@ -470,6 +470,12 @@ def write_checkpoint(out_dir, name, raw, optimizer, state, rngs, full=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_atomic(os.path.join(out_dir, "latest"), name + "\n")
+
+
+def param_order(full_optimizer_state):
+    """The parameter names of a full (FSDP) optimizer state dict in the order of its groups: name i is the
+    parameter whose states optimizer.safetensors keys `i.`."""
+    return [fqn for g in full_optimizer_state["param_groups"] for fqn in g["params"]]
 
 
 def gather_full_state(raw, optimizer):
@@ -541,7 +547,7 @@ def load_optimizer(optimizer, ckpt, sharded_model=None):
     if len(state) != n_params:
         die(f"--resume: {ckpt}/optimizer.safetensors has {len(state)} parameter states, the model has {n_params}")
     if sharded_model is not None:
-        order = [fqn for g in sd["param_groups"] for fqn in g["params"]]
+        order = param_order(sd)
         set_optimizer_state_dict(sharded_model, optimizer, {"state": {order[i]: s for i, s in state.items()},
                                                             "param_groups": sd["param_groups"]}, options=opts)
         return
@@ -1084,6 +1090,13 @@ def grad_sync(run, sync):
     return nullcontext() if (not run.ddp or sync) else run.model.no_sync()
 
 
+def rank_rows(run, batch_size):
+    """This rank's rows of a global batch of `batch_size`: data-parallel rank d takes the d-th equal slice
+    (the ranks of one --sp_size group take the same rows)."""
+    per_rank = batch_size // run.dp_size
+    return slice(run.dp_rank * per_rank, (run.dp_rank + 1) * per_rank)
+
+
 def rank_batches(run, rows, per_rank):
     """This rank's share of `rows` (example indices) in batches of `per_rank`: data-parallel rank d takes
     rows[d::dp_size] (the ranks of one sequence group take the same rows). Yields (batch, counted). Every
@@ -1311,8 +1324,7 @@ def train(argv, stop):
         shape = torch.zeros(n_eval, args.seq_len, dtype=torch.long)
         val_masked, val_t = noise_draw(maskable_positions(shape, shift=raw.shift), g)
 
-    per_rank = args.batch_size // run.dp_size
-    mine = slice(run.dp_rank * per_rank, (run.dp_rank + 1) * per_rank)
+    per_rank, mine = args.batch_size // run.dp_size, rank_rows(run, args.batch_size)
 
     @torch.no_grad()
     def evaluate():

@@ -53,10 +53,10 @@ import torch
 
 import train_adapt
 from train_adapt import (add_run_args, base_tokenizer, batch_blocks, cli, die, finish_run, flag_error, grad_sync,
-                         init_distributed, load_model, log0, make_optimizer, open_log, restore_run, run_main, start_run,
-                         train_loop, wrap_model, _Help)
-from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, diffusion_loss, layout_rows, maskable_positions,
-                   noise_draw, sample, start_token_id)
+                         init_distributed, load_model, log0, make_optimizer, open_log, rank_rows, restore_run, run_main,
+                         start_run, train_loop, wrap_model, _Help)
+from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
+                   maskable_positions, noise_draw, sample, start_token_id)
 from eval_zeroshot import EvalError, field, gsm8k_number, normalize_answer, read_records
 
 PROG = "train_sft.py"
@@ -310,8 +310,7 @@ def answer(raw, examples, args, gen_len, sampler):
         gen = (~batch["src_mask"] & batch["attention_mask"].bool())
         for b in range(len(chunk)):
             ids = out[b][gen[b].to(out.device)].tolist()
-            ids = ids[:ids.index(eos)] if eos in ids else ids
-            outs.append(tok.decode(ids, skip_special_tokens=True))
+            outs.append(tok.decode(cut_at_eos(ids, eos), skip_special_tokens=True))
     return outs
 
 
@@ -404,8 +403,7 @@ def train(argv, stop):
         return {"eval_accuracy": acc}
 
     B, A = args.batch_size, args.grad_accum
-    per_rank = B // run.dp_size
-    me = slice(run.dp_rank * per_rank, (run.dp_rank + 1) * per_rank)    # the ranks of a --sp_size group share rows
+    me = rank_rows(run, B)
     by_length = args.loss_norm == "answer_length"
 
     def step_fn(step):

@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from model import DTYPES, build_inputs, default_device, default_dtype, sample  # noqa: E402
+from model import DTYPES, build_inputs, cut_at_eos, default_device, default_dtype, sample  # noqa: E402
 
 # name -> (sampler, keyword arguments of model.sample); "ar_*" run the AR parent's generate
 CONFIGS = {
@@ -192,7 +192,7 @@ def accuracy(tok, gens, refs):
     """The share of generations (token ids, cut at EOS) whose answer is right (train_sft.is_correct)."""
     from train_sft import is_correct
     eos = tok.eos_token_id
-    texts = [tok.decode(g[:g.index(eos)] if eos in g else g, skip_special_tokens=True) for g in gens]
+    texts = [tok.decode(cut_at_eos(g, eos), skip_special_tokens=True) for g in gens]
     return sum(is_correct(t, r) for t, r in zip(texts, refs)) / len(refs)
 
 
