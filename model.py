@@ -966,7 +966,8 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     `threshold` (parallel decoding, Fast-dLLM): each step commits every masked position of the block
     whose confidence is at least `threshold` (or, with `factor`, by the factor rule; see commit_counts),
     at least one, and the block ends when it is full: its share of the steps is only an upper bound
-    (its last allowed step commits whatever is left).
+    (its last allowed step commits whatever is left); without a cache each row of a batch moves on as
+    soon as its own block is full.
     `cache` (`prefix` or `dual`, see refresh_cache): the first step of each block runs the whole sequence
     and caches keys/values; the block's other steps recompute only the block and what follows it
     (`prefix`) or only the block (`dual`). `cache_refresh` N > 0 also refreshes every N steps.
@@ -987,6 +988,28 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     block_steps = transfer_schedule(torch.tensor([steps]), n_blocks)[0].tolist()
     pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     step = 0
+    if remasking == "threshold" and cache == "none":
+        # Each row moves to its next block as soon as its own block is full, so a batch runs as many steps
+        # as its slowest row needs in all, not the sum over blocks of the slowest row in each. Every row
+        # gets exactly the steps it would get alone. (With a cache the rows share the cached window, so
+        # their blocks move together, below.)
+        limit = torch.tensor(block_steps + [1], device=x.device)          # steps allowed in each block
+        cur = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # each row's block (n_blocks: done)
+        used = torch.zeros_like(cur)                                        # steps it has spent there
+        while True:
+            still = (block_of == cur[:, None]) & pending
+            full = ~still.any(1) & (cur < n_blocks)
+            if full.any():                                                  # next block (skipping full ones)
+                cur, used = cur + full.long(), torch.where(full, 0, used)
+                continue
+            if not still.any():
+                return x
+            proposal, conf = propose(x, still, _step_logits(model, x, att, still), temperature, remasking, generator)
+            counts = torch.where(used == limit[cur] - 1, still.sum(1), commit_counts(conf, still, threshold, factor))
+            x = apply_commit(x, proposal, conf, counts, still, pending, todo, eos)
+            used, step = used + 1, step + 1
+            if callback is not None:
+                callback(step, x)
     for blk in range(n_blocks):
         still = (block_of == blk) & pending                # masked positions of the current block
         if stop_at_eos and not still.any():

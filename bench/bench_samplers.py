@@ -177,15 +177,19 @@ def main(argv=None):
             rows.append((name, bs, n_tok / secs, calls[0] / (n_batches * args.gen_len),
                          gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens),
                          None if refs is None else accuracy(tok, gens, refs)))
-            print(f"{name} batch {bs}: {rows[-1][2]:.2f} tokens/s", file=sys.stderr, flush=True)
+            print(table_row(*rows[-1]), file=sys.stderr, flush=True)   # each row as it is done: a long run cut short keeps them
     print(f"\n{args.model_name}, {len(prompts)} prompts, {args.gen_len} new tokens, {args.device} "
           f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")
     acc = "" if refs is None else " accuracy |"
     print("| configuration | batch | tokens/s | forwards per token | gen. perplexity (AR parent) | unigram entropy (nats) |" + acc)
     print("|---|---|---|---|---|---|" + ("---|" if acc else ""))
-    for name, bs, tps, fpt, ppl, ent, right in rows:
-        print(f"| {name} | {bs} | {tps:.2f} | {fpt:.3f} | {ppl:.1f} | {ent:.2f} |" + ("" if right is None else f" {right:.3f} |"))
+    for row in rows:
+        print(table_row(*row))
     return rows
+
+
+def table_row(name, bs, tps, fpt, ppl, ent, right):
+    return f"| {name} | {bs} | {tps:.2f} | {fpt:.3f} | {ppl:.1f} | {ent:.2f} |" + ("" if right is None else f" {right:.3f} |")
 
 
 def accuracy(tok, gens, refs):

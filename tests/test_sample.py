@@ -51,15 +51,17 @@ def test_same_seed_same_output(dlm, sampler):
 
 
 @pytest.mark.parametrize("block_length", [4, 16])
-def test_left_padded_batch_equals_one_at_a_time(dlm, block_length):
+@pytest.mark.parametrize("sampler", ["low_confidence", "threshold"])
+def test_left_padded_batch_equals_one_at_a_time(dlm, block_length, sampler):
     tok = dlm.tokenizer
     prompts = ["the king said to his queen", "a", "o my lord"]
     batch = build_inputs(tok, prompts, 8, mask_token_id=dlm.mask_token_id)
     assert (batch["attention_mask"] == 0).any()                         # really padded
-    together = run(dlm, batch, "low_confidence", block_length=block_length, temperature=0.0)
+    kw = dict(block_length=block_length, temperature=0.0, threshold=0.0175)   # rows commit 1-4 tokens a step
+    together = run(dlm, batch, sampler, **kw)
     for b, p in enumerate(prompts):
         one = build_inputs(tok, [p], 8, mask_token_id=dlm.mask_token_id)
-        alone = run(dlm, one, "low_confidence", block_length=block_length, temperature=0.0)
+        alone = run(dlm, one, sampler, **kw)
         n = one["input_ids"].shape[1]
         assert torch.equal(together[b, -n:], alone[0])
 
@@ -250,6 +252,40 @@ def test_threshold_one_is_low_confidence_one_token_a_step(dlm):
             assert torch.equal(fast, slow) and len(steps) == 8          # never confident enough: one token a step
         else:
             assert len(steps) == 8                                     # blocks of 3, 3, 2: 8 steps, not 64
+
+
+def test_threshold_rows_move_through_their_blocks_independently(dlm):
+    """Row 0 is sure of its first block and unsure of its second, row 1 the other way round. Alone, each row
+    runs 1 + 4 steps; a batch whose blocks moved together would run 4 + 4; with each row in its own block
+    the batch runs 5 forwards, and gives what each row gives alone."""
+    tok, V = dlm.tokenizer, dlm.config.vocab_size
+    prompts = ["the king said", "o"]
+    row0_last = build_inputs(tok, prompts[:1], 8, mask_token_id=dlm.mask_token_id)["input_ids"][0, -9]
+    calls = []
+
+    def fake_forward(x, att=None, target_mask=None, **k):    # logits set by the row and the block of each position
+        calls.append(x.shape[0])
+        logits = torch.full((int(target_mask.sum()), V), -5.0)
+        for i, (b, p) in enumerate(target_mask.nonzero().tolist()):
+            q = p - (x.shape[1] - 8)                           # the generated span is the last 8 columns
+            sure = (q < 4) == bool(x[b, -9] == row0_last)      # row 0: block 0; row 1: block 1
+            logits[i, 5 + q] = 20.0 if sure else 0.01 * q      # unsure: confidence about 0.66, below 0.9
+        return logits
+
+    def go(ps):
+        calls.clear()
+        dlm.forward = fake_forward
+        try:
+            batch = build_inputs(tok, ps, 8, mask_token_id=dlm.mask_token_id)
+            return generate_llada(dlm, **batch, steps=8, block_length=4, remasking="threshold", threshold=0.9), len(calls)
+        finally:
+            del dlm.forward
+
+    together, n = go(prompts)
+    assert n == 5
+    for b, p in enumerate(prompts):
+        alone, n_alone = go([p])
+        assert n_alone == 5 and torch.equal(together[b, -alone.shape[1]:], alone[0])
 
 
 def test_threshold_and_factor_commit_counts():
