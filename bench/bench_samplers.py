@@ -7,6 +7,8 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
     python bench/bench_samplers.py --model_name out/adapt/final --configs threshold0.9,threshold0.9+dual,ar_greedy
     python bench/bench_samplers.py --n_prompts 2 --gen_len 32 --batch_sizes 1    # a quick look
     python bench/bench_samplers.py --configs threshold0.5+dual,factor1.0+dual,ar_greedy   # any threshold / factor
+    python bench/bench_samplers.py --model_name out/adapt/final --results out/bench.jsonl   # again after a stop:
+                                                                                            # runs only what is missing
 
 Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
 training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
@@ -33,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from model import DTYPES, build_inputs, cut_at_eos, default_device, default_dtype, sample  # noqa: E402
+from model import DTYPES, build_inputs, cut_at_eos, default_device, default_dtype, first_line, sample  # noqa: E402
 
 # name -> (sampler, keyword arguments of model.sample); "ar_*" run the AR parent's generate
 CONFIGS = {
@@ -117,7 +119,12 @@ def main(argv=None):
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: time by this process's CPU time (time.process_time), for a machine shared with other "
                         "jobs; with one thread it equals the wall time of an idle machine")
+    p.add_argument("--results", default=None,
+                   help="FILE.jsonl: append each finished row; rows already there for the same model, prompts, "
+                        "lengths, seed, device, dtype and clock are not run again (a long table in several runs)")
     args = p.parse_args(argv)
+    if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
+        p.error(f"--results {args.results}: its folder does not exist")
     for f in ("wiki_demo.txt", "c4_demo.json") if args.prompts == "corpus" else ():
         if not os.path.isfile(os.path.join(args.data_dir, f)):
             p.error(f"--data_dir {args.data_dir}: no {f}")
@@ -140,14 +147,23 @@ def main(argv=None):
     else:
         prompts = fixed_prompts(args.data_dir, args.n_prompts)
     prompt_ids = [dlm.encode_pair(q, "")[0] for q in prompts]
-    with torch.no_grad():   # warm-up outside the clock (kernel selection, CUDA context, allocator)
-        sample(model, build_inputs(tok, prompts[:1], 8, mask_token_id=model.mask_token_id), "low_confidence",
-               diffusion_steps=8)
-        ids, att = ar._pad(prompt_ids[:1])
-        ar.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=8, do_sample=False, pad_token_id=ar.pad)
+    setting = dict(model_name=args.model_name, prompts=args.prompts, n_prompts=len(prompts), gen_len=args.gen_len,
+                   seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock)
+    done = read_results(args.results, setting, p.error) if args.results else {}
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if any((name, bs) not in done for bs in batch_sizes for name in names):
+        with torch.no_grad():   # warm-up outside the clock (kernel selection, CUDA context, allocator)
+            sample(model, build_inputs(tok, prompts[:1], 8, mask_token_id=model.mask_token_id), "low_confidence",
+                   diffusion_steps=8)
+            ids, att = ar._pad(prompt_ids[:1])
+            ar.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=8, do_sample=False, pad_token_id=ar.pad)
     rows = []
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+    for bs in batch_sizes:
         for name in names:
+            if (name, bs) in done:
+                rows.append(done[name, bs])
+                print(table_row(*rows[-1]) + " (from --results)", file=sys.stderr, flush=True)
+                continue
             kind, kw = config(name)
             target = (ar.model if kind == "ar" else model.model).get_decoder()
             calls, handle = count_forwards(target)
@@ -178,6 +194,9 @@ def main(argv=None):
                          gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens),
                          None if refs is None else accuracy(tok, gens, refs)))
             print(table_row(*rows[-1]), file=sys.stderr, flush=True)   # each row as it is done: a long run cut short keeps them
+            if args.results:
+                with open(args.results, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({**setting, **dict(zip(RESULT_FIELDS, rows[-1]))}) + "\n")
     print(f"\n{args.model_name}, {len(prompts)} prompts, {args.gen_len} new tokens, {args.device} "
           f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")
     acc = "" if refs is None else " accuracy |"
@@ -186,6 +205,26 @@ def main(argv=None):
     for row in rows:
         print(table_row(*row))
     return rows
+
+
+RESULT_FIELDS = ("config", "batch", "tokens_per_s", "forwards_per_token", "perplexity", "entropy", "accuracy")
+
+
+def read_results(path, setting, error):
+    """{(config, batch): row} of the --results lines made with `setting` (none if the file does not exist yet)."""
+    if not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                row = tuple(r[k] for k in RESULT_FIELDS)
+            except (ValueError, KeyError, TypeError) as e:
+                error(f"--results {path}, line {i}: not a result row ({first_line(e)})")
+            if all(r.get(k) == v for k, v in setting.items()):
+                done[row[0], row[1]] = row
+    return done
 
 
 def table_row(name, bs, tps, fpt, ppl, ent, right):

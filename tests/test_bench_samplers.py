@@ -52,6 +52,38 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     assert "| threshold0.9+dual | 2 |" in capsys.readouterr().out
 
 
+def test_results_file_keeps_rows_and_skips_them(tmp_path, capsys, monkeypatch):
+    import json
+    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
+    from model import DiscreteDiffusionModel
+    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
+    (tmp_path / "wiki_demo.txt").write_text("\n".join(" ".join(["the king said to his queen"] * 10) for _ in range(3)))
+    (tmp_path / "c4_demo.json").write_text(json.dumps([{"text": " ".join(["o my lord is good"] * 12)}] * 3))
+    results = tmp_path / "bench.jsonl"
+    argv = ["--model_name", str(tmp_path / "dlm"), "--data_dir", str(tmp_path), "--n_prompts", "2", "--gen_len", "8",
+            "--batch_sizes", "1,2", "--device", "cpu", "--results", str(results)]
+    first = bs.main(argv + ["--configs", "threshold0.9"])
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["config"], r["batch"]) for r in lines] == [("threshold0.9", 1), ("threshold0.9", 2)]
+    assert lines[0]["gen_len"] == 8 and lines[0]["tokens_per_s"] == first[0][2]
+    ran = []
+    real = bs.sample
+    monkeypatch.setattr(bs, "sample", lambda *a, **k: ran.append(a[2]) or real(*a, **k))
+    again = bs.main(argv + ["--configs", "threshold0.9,low_confidence"])
+    assert ran == ["low_confidence"] * 4            # warm-up, 2 prompts at batch 1, one batch of 2: threshold0.9 not rerun
+    assert [r[:2] for r in again] == [("threshold0.9", 1), ("low_confidence", 1), ("threshold0.9", 2), ("low_confidence", 2)]
+    assert again[0] == first[0] and again[2] == first[1]                    # kept as they were
+    assert len(results.read_text().splitlines()) == 4                       # appended, nothing overwritten
+    ran.clear()
+    assert bs.main(argv + ["--configs", "low_confidence,threshold0.9"]) and ran == []   # all there: nothing runs
+    bs.main(argv + ["--gen_len", "4", "--configs", "threshold0.9"])          # other settings: run again
+    assert len(results.read_text().splitlines()) == 6 and ran
+    results.write_text(results.read_text() + "not json\n")
+    with pytest.raises(SystemExit):
+        bs.main(argv + ["--configs", "threshold0.9"])
+    assert "line 7: not a result row" in capsys.readouterr().err
+
+
 def test_accuracy_by_hand():
     class Tok:
         eos_token_id = 0
