@@ -121,7 +121,7 @@ def main(argv=None):
                         "jobs; with one thread it equals the wall time of an idle machine")
     p.add_argument("--results", default=None,
                    help="FILE.jsonl: append each finished row; rows already there for the same model, prompts, "
-                        "lengths, seed, device, dtype and clock are not run again (a long table in several runs)")
+                        "lengths, seed, device, dtype, clock and threads are not run again (a long table in several runs)")
     args = p.parse_args(argv)
     if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
         p.error(f"--results {args.results}: its folder does not exist")
@@ -148,7 +148,7 @@ def main(argv=None):
         prompts = fixed_prompts(args.data_dir, args.n_prompts)
     prompt_ids = [dlm.encode_pair(q, "")[0] for q in prompts]
     setting = dict(model_name=args.model_name, prompts=args.prompts, n_prompts=len(prompts), gen_len=args.gen_len,
-                   seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock)
+                   seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock, threads=torch.get_num_threads())
     done = read_results(args.results, setting, p.error) if args.results else {}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if any((name, bs) not in done for bs in batch_sizes for name in names):
@@ -217,6 +217,8 @@ def read_results(path, setting, error):
     done = {}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
                 r = json.loads(line)
                 row = tuple(r[k] for k in RESULT_FIELDS)
