@@ -51,12 +51,13 @@ CONFIGS = {
 }
 
 
-CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor)([0-9.]*)(?:\+(prefix|dual))?$")
+CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor)([0-9.]*)(?:\+(prefix|dual))?(?:@([0-9.]+))?$")
 
 
 def config(name):
     """(sampler, keyword arguments) of a configuration: one of CONFIGS, or low_confidence / threshold<c> /
-    factor<f> with an optional +prefix or +dual cache (e.g. threshold0.5+dual, factor1.0), 32-token blocks."""
+    factor<f> with an optional +prefix or +dual cache and an optional @<temperature> (Gumbel noise; greedy
+    without), e.g. threshold0.5+dual, factor1.0, threshold0.9+dual@1.0; 32-token blocks."""
     if name in CONFIGS:
         return CONFIGS[name]
     m = CONFIG_RE.match(name)
@@ -64,9 +65,12 @@ def config(name):
         return None
     try:
         value = float(m.group(2)) if m.group(2) else None
+        temperature = float(m.group(4)) if m.group(4) else None
     except ValueError:
         return None
     kw = dict(diffusion_steps=256, block_length=32, cache=m.group(3) or "none")
+    if temperature is not None:
+        kw["temperature"] = temperature
     if m.group(1) == "low_confidence":
         return "low_confidence", kw
     return "threshold", {**kw, m.group(1): value} if m.group(1) == "threshold" else {**kw, "factor": value}
@@ -132,7 +136,7 @@ def main(argv=None):
     bad = [c for c in names if config(c) is None]
     if bad:
         p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)}, or low_confidence / "
-                f"threshold<c> / factor<f> with +prefix or +dual)")
+                f"threshold<c> / factor<f> with +prefix or +dual and @<temperature>)")
     dtype = args.dtype or default_dtype(args.device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     dlm = Scorer(args.model_name, device=args.device, dtype=dtype)

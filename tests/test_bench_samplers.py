@@ -114,5 +114,10 @@ def test_config_names():
     assert bs.config("factor1.5") == ("threshold", dict(diffusion_steps=256, block_length=32, cache="none", factor=1.5))
     assert bs.config("low_confidence+prefix") == ("low_confidence", dict(diffusion_steps=256, block_length=32,
                                                                          cache="prefix"))
-    for bad in ("threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense"):
+    assert bs.config("threshold0.9+dual@1.0") == ("threshold", dict(diffusion_steps=256, block_length=32, cache="dual",
+                                                                    threshold=0.9, temperature=1.0))
+    assert bs.config("low_confidence@0.5") == ("low_confidence", dict(diffusion_steps=256, block_length=32, cache="none",
+                                                                      temperature=0.5))
+    for bad in ("threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense", "threshold0.9@",
+                "threshold0.9@1.2.3", "ar_greedy@1.0"):
         assert bs.config(bad) is None, bad
