@@ -82,6 +82,9 @@ def test_results_file_keeps_rows_and_skips_them(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bs.main(argv + ["--configs", "threshold0.9"])
     assert "line 7: not a result row" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bs.main(argv[:-1] + [str(tmp_path / "no_such_dir" / "bench.jsonl"), "--configs", "threshold0.9"])
+    assert "its folder does not exist" in capsys.readouterr().err
 
 
 def test_accuracy_by_hand():
