@@ -297,7 +297,8 @@ def ar_parent(model_name, base_model_name=None, _depth=0):
 class Scorer:
     """Scores (context, continuation) pairs and generates spans, with a diffusion LM or a causal LM (ar=True),
     from identical token ids. Every ELBO row draws its noise from a generator seeded by --seed and the
-    row's tokens, so a score does not depend on the batch or the order it came in."""
+    row's tokens, so a score does not depend on the batch or the order it came in; so does every row the
+    samplers fill."""
 
     def __init__(self, model_name, ar=False, mc_num=64, method="stratified", batch_size=32, seed=0, dtype=None,
                  device=None, sampler="low_confidence", diffusion_steps=None, block_length=None, temperature=0.0,
@@ -352,9 +353,9 @@ class Scorer:
         if self.max_len is not None and n > self.max_len:
             raise EvalError(f"{what}: {n} tokens, more than the model's maximum of {self.max_len} positions")
 
-    def generator(self, ids, n_target):
+    def generator(self, ids, n_target, device="cpu"):
         crc = zlib.crc32(torch.tensor(list(ids) + [n_target], dtype=torch.int64).numpy().tobytes())
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + crc) % (2 ** 63))
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + crc) % (2 ** 63))
 
     def _pad(self, seqs):
         """Left-padded ids and attention mask on the model's device."""
@@ -402,14 +403,15 @@ class Scorer:
     # -- generation ------------------------------------------------------------------------------------
     def fill(self, ids, gen_mask, att):
         """Diffusion: fill the positions of gen_mask with the sampler (greedy low_confidence, one token per
-        step, unless set otherwise). Returns the filled ids."""
-        batch = {"input_ids": ids.masked_fill(gen_mask, self.model.mask_token_id), "src_mask": ~gen_mask & att.bool(),
-                 "attention_mask": att}
+        step, unless set otherwise). Each row samples from a generator seeded by --seed, its given tokens
+        and the number it fills, so a sampled row does not depend on the batch. Returns the filled ids."""
+        src = ~gen_mask & att.bool()
+        batch = {"input_ids": ids.masked_fill(gen_mask, self.model.mask_token_id), "src_mask": src, "attention_mask": att}
         n = int(gen_mask.sum(1).max())
         steps = self.diffusion_steps or n
-        g = torch.Generator(device=self.device).manual_seed(self.seed)
+        gens = [self.generator(r[s].tolist(), int(m.sum()), self.device) for r, s, m in zip(ids, src, gen_mask)]
         return sample(self.model, batch, self.sampler, steps, self.logits_temp, self.topp_temp,
-                      self.block_length, self.temperature, self.threshold, self.factor, generator=g)
+                      self.block_length, self.temperature, self.threshold, self.factor, generator=gens)
 
     @torch.no_grad()
     def generate(self, rows, stop_at_eos=False, progress=None):

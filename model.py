@@ -659,9 +659,8 @@ def elbo_loglik(model, input_ids, target_mask, attention_mask=None, mc_num=64, g
     if model.shift and target_mask[:, 0].any():
         raise ValueError("with shift the first position is never predicted: target_mask[:, 0] must be False")
     B, L = input_ids.shape
-    gens = generator if isinstance(generator, (list, tuple)) else [generator] * B
-    if len(gens) != B:
-        raise ValueError(f"got {len(gens)} generators for {B} rows")
+    gens = per_row(generator, B)
+    gens = gens if isinstance(gens, list) else [gens] * B
     masks, weights, owner = [], [], []
     for b in range(B):
         pos = target_mask[b].nonzero().squeeze(1)
@@ -865,6 +864,36 @@ def stop_rows_at_eos(x, todo, pending, eos):
 
 
 @torch.no_grad()
+def per_row(generator, B):
+    """`generator` as given to the samplers: None or one torch.Generator (one stream for the whole batch,
+    returned as is), or a list with one per row (checked against the B rows, returned as a list)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} rows")
+        return list(generator)
+    return generator
+
+
+def row_rand(generator, counts, *tail, dtype=None, device=None):
+    """Uniform numbers [sum(counts), *tail] for items listed row by row (counts[b] of row b). One
+    generator draws them all at once; a list (see per_row) draws each row's from its own generator,
+    so a row gets the same numbers in any batch as alone."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(int(n), *tail, dtype=dtype, device=device, generator=g)
+                          for g, n in zip(generator, counts.tolist())])
+    return torch.rand(int(counts.sum()), *tail, dtype=dtype, device=device, generator=generator)
+
+
+def row_multinomial(probs, generator, counts):
+    """One token per row of probs [N, V] (items listed row by row, counts[b] of row b), from one
+    generator or from each row's own (a list, see per_row)."""
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    parts = probs.split(counts.tolist())
+    return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(-1) if len(p) else p.new_zeros(0, dtype=torch.long)
+                      for p, g in zip(parts, generator)])
+
+
 def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
                      topp_temp=0.9, stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 each still-masked
@@ -878,11 +907,16 @@ def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffu
         raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
     todo, eos = still.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
+    generator = per_row(generator, x.shape[0])
+    # with one generator per row, each row draws for its own columns only (not its left padding)
+    real = att.bool() if isinstance(generator, list) and att is not None else torch.ones_like(still)
     for t in range(diffusion_steps, 0, -1):
-        reveal = still & (torch.rand(x.shape, device=x.device, generator=generator) < 1.0 / t)
+        u = torch.ones(x.shape, device=x.device)
+        u[real] = row_rand(generator, real.sum(1), device=x.device)
+        reveal = still & (u < 1.0 / t)
         if reveal.any():
             logits = top_p_filter(_step_logits(model, x, att, reveal) / max(logits_temp, 1e-6), topp_temp)
-            x[reveal] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+            x[reveal] = row_multinomial(torch.softmax(logits, dim=-1), generator, reveal.sum(1))
             still &= ~reveal
             if stop_at_eos:
                 stop_rows_at_eos(x, todo, still, eos)
@@ -915,14 +949,16 @@ def commit_counts(conf, still, threshold=None, factor=None):
 def propose(x, still, logits, temperature, remasking, generator=None):
     """One LLaDA step's proposal for the positions `still` (logits [N, V] in row-major order): x0 by
     Gumbel-max in float64 at `temperature` (greedy at 0), and each position's confidence (its x0
-    probability, or a random number for `random` remasking; -inf off `still`). Returns (proposal, conf)."""
+    probability, or a random number for `random` remasking; -inf off `still`); the random numbers come
+    from `generator` (one, or a list with one per row: see row_rand). Returns (proposal, conf)."""
+    counts = still.sum(1)
     if temperature > 0:
-        u = torch.rand(logits.shape, dtype=torch.float64, device=x.device, generator=generator)
+        u = row_rand(generator, counts, logits.shape[-1], dtype=torch.float64, device=x.device)
         x0 = (logits.double() / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
     else:
         x0 = logits.argmax(-1)
     if remasking == "random":
-        conf_sel = torch.rand(x0.shape, device=x.device, generator=generator)
+        conf_sel = row_rand(generator, counts, device=x.device)
     else:
         conf_sel = torch.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
     conf = torch.full(x.shape, float("-inf"), device=x.device)
@@ -980,6 +1016,7 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     if cache not in CACHE_MODES:
         raise ValueError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
+    generator = per_row(generator, x.shape[0])
     rank = todo.long().cumsum(1) - 1                       # order of each generated position in its row
     block_of = torch.where(todo, rank // block_length, -1)
     n_blocks = max(1, math.ceil(int(todo.sum(1).max()) / block_length))
@@ -1068,6 +1105,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     if block_length < 1 or steps < 1:
         raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
+    generator = per_row(generator, x.shape[0])
     x, todo = _to_left(x, att), _to_left(todo, att)
     att_r = None if att is None else _to_left(att, att)
     B, L = x.shape
@@ -1126,7 +1164,9 @@ SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block")
 
 def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
            temperature=0.0, threshold=0.9, factor=None, cache="none", stop_at_eos=False, generator=None, callback=None):
-    """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share)."""
+    """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share).
+    `generator` is one torch.Generator for the batch, or a list with one per row: then each row draws
+    from its own stream and gets exactly what it would get alone (left padding included)."""
     conflict = cache_conflict(sampler, cache)
     if conflict:
         raise ValueError(conflict)

@@ -195,6 +195,18 @@ def test_padded_batch_gives_the_same_scores(models, ar):
     assert wide.generate(rows) == narrow.generate(rows)
 
 
+@pytest.mark.parametrize("kw", [dict(sampler="diffullama", diffusion_steps=4), dict(sampler="random", temperature=1.0),
+                                dict(sampler="threshold", temperature=1.0, threshold=0.02, block_length=2)])
+def test_sampled_spans_do_not_depend_on_the_batch(models, kw):
+    """Sampling samplers: each row draws from its own generator, so batch size and order change nothing."""
+    s = scorer(models["dlm"], batch_size=64, **kw)
+    rows = [(s.encode_pair(c, "")[0], n, []) for c, n in [("the king said to", 5), ("o", 5), ("a man", 3), ("the", 5)]]
+    wide = s.generate(rows)
+    assert wide == scorer(models["dlm"], batch_size=1, **kw).generate(rows)
+    assert wide[::-1] == s.generate(rows[::-1])
+    assert wide != scorer(models["dlm"], batch_size=64, seed=1, **kw).generate(rows)
+
+
 def test_diffusion_greedy_flag_is_the_greedy_sampler(models):
     s = scorer(models["dlm"])
     ctx = s.encode_pair("the king said", "")[0]

@@ -7,8 +7,9 @@ import torch
 
 from conftest import save_tiny_ar, tiny_tokenizer
 from conftest import tiny_causal_lm
-from model import (DiscreteDiffusionModel, _step_logits, build_inputs, cached_step_logits, commit_counts, generate_llada,
-                   generate_samples, refresh_cache, sample, transfer_schedule)
+from model import (CACHE_MODES, SAMPLERS as ALL_SAMPLERS, DiscreteDiffusionModel, _step_logits, build_inputs,
+                   cache_conflict, cached_step_logits, commit_counts, generate_llada, generate_samples, refresh_cache,
+                   sample, transfer_schedule)
 import sample as sample_script
 
 SAMPLERS = ["diffullama", "low_confidence", "random", "threshold"]
@@ -64,6 +65,33 @@ def test_left_padded_batch_equals_one_at_a_time(dlm, block_length, sampler):
         alone = run(dlm, one, sampler, **kw)
         n = one["input_ids"].shape[1]
         assert torch.equal(together[b, -n:], alone[0])
+
+
+@pytest.mark.parametrize("tokens", ["greedy", "sampled"])
+@pytest.mark.parametrize("sampler, cache", [(s, c) for s in ALL_SAMPLERS for c in CACHE_MODES if not cache_conflict(s, c)])
+def test_row_generators_make_a_padded_batch_equal_each_row_alone(dlm, sampler, cache, tokens):
+    """With one generator per row every sampler, random reveal orders included, gives each row of a
+    left-padded batch exactly what that prompt gives alone with its generator."""
+    tok = dlm.tokenizer
+    prompts = ["the king said to his queen", "a", "o my lord"]
+    batch = build_inputs(tok, prompts, 8, mask_token_id=dlm.mask_token_id)
+    assert (batch["attention_mask"] == 0).any()
+    greedy = tokens == "greedy"
+    kw = dict(block_length=4, cache=cache, threshold=0.0175, temperature=0.0 if greedy else 1.0,
+              logits_temp=1.0, topp_temp=1e-6 if greedy else 0.9, diffusion_steps=8)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = sample(dlm, batch, sampler, generator=gens([3, 4, 5]), **kw)
+    for b, p in enumerate(prompts):
+        one = build_inputs(tok, [p], 8, mask_token_id=dlm.mask_token_id)
+        alone = sample(dlm, one, sampler, generator=torch.Generator().manual_seed(3 + b), **kw)
+        assert torch.equal(together[b, -one["input_ids"].shape[1]:], alone[0])
+    if sampler in ("diffullama", "random") or not greedy:             # the streams are really used
+        assert not torch.equal(together, sample(dlm, batch, sampler, generator=gens([6, 7, 8]), **kw))
+    with pytest.raises(ValueError, match="got 2 generators for 3 rows"):
+        sample(dlm, batch, sampler, generator=gens([1, 2]), **kw)
 
 
 def test_hole_in_the_middle_and_any_src_mask(dlm):
