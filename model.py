@@ -863,7 +863,6 @@ def stop_rows_at_eos(x, todo, pending, eos):
     return fill
 
 
-@torch.no_grad()
 def per_row(generator, B):
     """`generator` as given to the samplers: None or one torch.Generator (one stream for the whole batch,
     returned as is), or a list with one per row (checked against the B rows, returned as a list)."""
@@ -894,6 +893,7 @@ def row_multinomial(probs, generator, counts):
                       for p, g in zip(parts, generator)])
 
 
+@torch.no_grad()
 def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
                      topp_temp=0.9, stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 each still-masked
