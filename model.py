@@ -889,8 +889,7 @@ def row_multinomial(probs, generator, counts):
     if not isinstance(generator, list):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     parts = probs.split(counts.tolist())
-    return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(-1) if len(p) else p.new_zeros(0, dtype=torch.long)
-                      for p, g in zip(parts, generator)])
+    return torch.cat([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(parts, generator)])
 
 
 @torch.no_grad()
@@ -908,11 +907,13 @@ def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffu
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
     todo, eos = still.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     generator = per_row(generator, x.shape[0])
-    # with one generator per row, each row draws for its own columns only (not its left padding)
-    real = att.bool() if isinstance(generator, list) and att is not None else torch.ones_like(still)
+    real = att.bool() if att is not None else torch.ones_like(still)
     for t in range(diffusion_steps, 0, -1):
-        u = torch.ones(x.shape, device=x.device)
-        u[real] = row_rand(generator, real.sum(1), device=x.device)
+        if isinstance(generator, list):          # each row draws for its own columns only (not its left padding)
+            u = torch.ones(x.shape, device=x.device)
+            u[real] = row_rand(generator, real.sum(1), device=x.device)
+        else:
+            u = torch.rand(x.shape, device=x.device, generator=generator)
         reveal = still & (u < 1.0 / t)
         if reveal.any():
             logits = top_p_filter(_step_logits(model, x, att, reveal) / max(logits_temp, 1e-6), topp_temp)
