@@ -31,6 +31,7 @@ import time
 from collections import Counter
 
 import torch
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -174,7 +175,7 @@ def main(argv=None):
             gens, secs = [], 0.0
             g = torch.Generator(args.device).manual_seed(args.seed)
             torch.manual_seed(args.seed)
-            for s in range(0, len(prompts), bs):
+            for s in tqdm(range(0, len(prompts), bs), desc=f"{name} @ batch {bs}", unit="batch", leave=False):
                 chunk = prompts[s:s + bs]
                 t0 = clock()
                 if kind == "ar":
