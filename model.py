@@ -907,11 +907,13 @@ def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffu
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
     todo, eos = still.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     generator = per_row(generator, x.shape[0])
-    real = att.bool() if att is not None else torch.ones_like(still)
+    if isinstance(generator, list):              # each row draws for its own columns only (not its left padding)
+        real = att.bool() if att is not None else torch.ones_like(still)
+        n_real = real.sum(1)
     for t in range(diffusion_steps, 0, -1):
-        if isinstance(generator, list):          # each row draws for its own columns only (not its left padding)
+        if isinstance(generator, list):
             u = torch.ones(x.shape, device=x.device)
-            u[real] = row_rand(generator, real.sum(1), device=x.device)
+            u[real] = row_rand(generator, n_real, device=x.device)
         else:
             u = torch.rand(x.shape, device=x.device, generator=generator)
         reveal = still & (u < 1.0 / t)
