@@ -16,12 +16,10 @@ From Python, the lm-eval model "dlm" is registered on import:
     lm_eval.simple_evaluate(model="dlm", model_args="model_name=out/adapt/final,mc_num=64", tasks=[...])
 """
 import argparse
-import csv
 import json
 import math
 import os
 import re
-import string
 import sys
 import time
 import zlib
@@ -32,8 +30,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention_patch import resolve_attn_implementation
-from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, check_output_file, check_sampler_args,
-                   cut_at_eos, default_device, default_dtype, elbo_loglik, first_line, layout_rows, load_tokenizer, max_positions,
+from common import DataError, check_output_file, field, first_line, gsm8k_number, normalize_answer, read_records
+from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, check_sampler_args,
+                   cut_at_eos, default_device, default_dtype, elbo_loglik, layout_rows, load_tokenizer, max_positions,
                    pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
 TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "rocstories", "triviaqa", "gsm8k")
@@ -49,50 +48,8 @@ HF_SOURCES = {"lambada": ("EleutherAI/lambada_openai", "default", "test"),
               "gsm8k": ("openai/gsm8k", "main", "test")}
 
 
-class EvalError(Exception):
-    """Bad input: reported as one line naming the flag, file or line."""
-
-
 # -----------------------------------------------------------------------------
 # reading task files: JSON (a list, or {"data": [...]}), JSONL, CSV (header row) or TXT (one record a line)
-
-def read_records(path):
-    if not os.path.isfile(path):
-        raise EvalError(f"{path}: no such file")
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        with open(path, encoding="utf-8", newline="" if ext == ".csv" else None) as f:
-            if ext == ".jsonl":
-                records = []
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise EvalError(f"{path} line {i}: not valid JSON ({e.msg})")
-            elif ext == ".json":
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path} line {e.lineno}: not valid JSON ({e.msg})")
-                records = data.get("data", data.get("rows")) if isinstance(data, dict) else data
-                if not isinstance(records, list):
-                    raise EvalError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
-            elif ext == ".csv":
-                records = list(csv.DictReader(f))
-            else:
-                records = [{"text": line.rstrip("\n")} for line in f if line.strip()]
-    except UnicodeDecodeError:
-        raise EvalError(f"{path}: not UTF-8 text")
-    for i, r in enumerate(records, 1):
-        if isinstance(r, str):
-            records[i - 1] = r = {"text": r}
-        if not isinstance(r, dict):
-            raise EvalError(f"{path} record {i}: expected an object with named fields, got {type(r).__name__}")
-    if not records:
-        raise EvalError(f"{path}: no records")
-    return records
-
 
 def find_data_file(task, data_dir):
     for name in DATA_FILES[task]:
@@ -111,27 +68,20 @@ def load_task_records(task, data_path=None, data_dir=None, download=False):
     wanted = " or ".join(f"{n}{{{','.join(EXTENSIONS)}}}" for n in DATA_FILES[task])
     where = f"--data_dir {data_dir} has no {wanted}" if data_dir else f"no data for task {task}"
     if not download or task not in HF_SOURCES:
-        raise EvalError(f"{where}: pass --data_path FILE (one task) or --data_dir DIR holding {wanted}"
+        raise DataError(f"{where}: pass --data_path FILE (one task) or --data_dir DIR holding {wanted}"
                         + (" (or --download to fetch the public copy with the datasets package)" if task in HF_SOURCES else ""))
     try:
         import datasets
         name, config, split = HF_SOURCES[task]
         return [dict(r) for r in datasets.load_dataset(name, config, split=split)], f"hf:{name}"
     except Exception as e:  # no package, no network, or no such copy
-        raise EvalError(f"{where}, and --download failed ({type(e).__name__}: {first_line(e)[:200]}): "
+        raise DataError(f"{where}, and --download failed ({type(e).__name__}: {first_line(e)[:200]}): "
                         f"pass --data_path FILE or --data_dir DIR holding {wanted}")
 
 
 # -----------------------------------------------------------------------------
 # tasks: a raw record -> an example. Every scored string starts with a space where it follows a word,
 # as in the tasks' usual lm-eval prompts; field names are those of the public releases.
-
-def field(r, *names, path="", i=0):
-    for n in names:
-        if n in r and r[n] is not None:
-            return r[n]
-    raise EvalError(f"{path} record {i}: missing field {' or '.join(repr(n) for n in names)}")
-
 
 def hellaswag_clean(text):
     text = text.strip().replace(" [title]", ". ")
@@ -143,7 +93,7 @@ def make_example(task, r, path, i, infill_sentence=4):
     if task == "lambada":
         text = str(f("text")).strip()
         if " " not in text:
-            raise EvalError(f"{path} record {i}: a LAMBADA passage needs at least two words")
+            raise DataError(f"{path} record {i}: a LAMBADA passage needs at least two words")
         ctx, word = text.rsplit(" ", 1)
         return {"context": ctx, "target": " " + word, "word": word}
     if task in ("hellaswag", "piqa", "siqa", "winogrande"):
@@ -164,13 +114,13 @@ def make_example(task, r, path, i, infill_sentence=4):
         else:  # winogrande: the option fills the blank; the rest of the sentence is scored (partial scoring)
             sentence = f("sentence")
             if "_" not in sentence:
-                raise EvalError(f"{path} record {i}: a Winogrande sentence needs a '_' blank")
+                raise DataError(f"{path} record {i}: a Winogrande sentence needs a '_' blank")
             idx = sentence.index("_")
             rest = " " + sentence[idx + 1:].strip()
             pairs = [(sentence[:idx] + f("option1"), rest), (sentence[:idx] + f("option2"), rest)]
             gold = int(f("answer")) - 1
         if not 0 <= gold < len(pairs):
-            raise EvalError(f"{path} record {i}: answer index {gold} outside the {len(pairs)} choices")
+            raise DataError(f"{path} record {i}: answer index {gold} outside the {len(pairs)} choices")
         return {"pairs": pairs, "gold": gold}
     if task == "rocstories":
         if "sentence1" in r or "InputSentence1" in r:
@@ -183,7 +133,7 @@ def make_example(task, r, path, i, infill_sentence=4):
             sents = f("sentences")
         k = infill_sentence - 1
         if not 0 <= k < len(sents):
-            raise EvalError(f"--infill_sentence {infill_sentence}: {path} record {i} has {len(sents)} sentences")
+            raise DataError(f"--infill_sentence {infill_sentence}: {path} record {i} has {len(sents)} sentences")
         return {"prefix": " ".join(sents[:k]), "target": (" " if k else "") + sents[k],
                 "suffix": (" " + " ".join(sents[k + 1:])) if k + 1 < len(sents) else ""}
     if task == "triviaqa":
@@ -196,28 +146,13 @@ def make_example(task, r, path, i, infill_sentence=4):
         out = str(f("output", "answer"))
         gold = gsm8k_number(out)
         if gold is None:
-            raise EvalError(f"{path} record {i}: the answer has no '#### <number>'")
+            raise DataError(f"{path} record {i}: the answer has no '#### <number>'")
         return {"context": f"Question: {f('instruction', 'question')}\nAnswer:", "target": " " + out, "answer": gold}
-    raise EvalError(f"--tasks: unknown task {task!r} (known: {', '.join(TASKS)})")
+    raise DataError(f"--tasks: unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
 # -----------------------------------------------------------------------------
 # metrics
-
-def gsm8k_number(text):
-    """The number after the first '####', without commas, '$' or a trailing '.0'; None if there is none."""
-    m = re.search(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
-    if not m:
-        return None
-    num = m.group(1).replace(",", "")
-    return num[:-2] if num.endswith(".0") else num
-
-
-def normalize_answer(s):
-    """SQuAD/TriviaQA normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
 
 def rouge_tokens(text):
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
@@ -273,7 +208,7 @@ def ar_parent(model_name, base_model_name=None, _depth=0):
     try:
         path = resolve_model_path(model_name)
     except FileNotFoundError as e:
-        raise EvalError(str(e))
+        raise DataError(str(e))
 
     def entry(file, key):
         if not os.path.isfile(file):
@@ -313,11 +248,11 @@ class Scorer:
         if ar:
             from transformers import AutoConfig, AutoModelForCausalLM
             if adapter_path:
-                raise EvalError("--adapter_path belongs to the diffusion model; --ar scores its AR parent without it")
+                raise DataError("--adapter_path belongs to the diffusion model; --ar scores its AR parent without it")
             self.model_name = ar_parent(model_name, base_model_name)
             path = resolve_model_path(self.model_name)
             if getattr(AutoConfig.from_pretrained(path), "is_causal", True) is False:
-                raise EvalError(f"--ar: {self.model_name} is a diffusion checkpoint that names no AR parent "
+                raise DataError(f"--ar: {self.model_name} is a diffusion checkpoint that names no AR parent "
                                 f"(no adapted_from in its config): give the AR model as --model_name")
             self.model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=DTYPES[dtype], attn_implementation=resolve_attn_implementation(attn_implementation, self.device))
@@ -329,7 +264,7 @@ class Scorer:
                 dtype=dtype, attn_implementation=attn_implementation, device=self.device)
             self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:
-            raise EvalError(f"--model_name {model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
+            raise DataError(f"--model_name {model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
         self.model.to(self.device).eval()
         self.max_len = max_positions(self.model.config)
         self.start, self.pad = start_token_id(self.tokenizer), pad_token_id(self.tokenizer)
@@ -351,7 +286,7 @@ class Scorer:
 
     def check_length(self, n, what):
         if self.max_len is not None and n > self.max_len:
-            raise EvalError(f"{what}: {n} tokens, more than the model's maximum of {self.max_len} positions")
+            raise DataError(f"{what}: {n} tokens, more than the model's maximum of {self.max_len} positions")
 
     def generator(self, ids, n_target, device="cpu"):
         crc = zlib.crc32(torch.tensor(list(ids) + [n_target], dtype=torch.int64).numpy().tobytes())
@@ -613,16 +548,16 @@ def run_lm_eval(scorer, tasks, include=None, limit=None, max_gen_toks=256):
     """Run lm-eval tasks (names, comma-separated) on the scorer; `include` is a folder of task YAMLs
     (then lm-eval's own task list is not indexed). Returns lm-eval's results dict."""
     if DiffusionLM is None:
-        raise EvalError("--lm_eval_tasks needs the lm-eval package: pip install lm-eval")
+        raise DataError("--lm_eval_tasks needs the lm-eval package: pip install lm-eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     if include and not os.path.isdir(include):
-        raise EvalError(f"--lm_eval_include {include}: no such folder")
+        raise DataError(f"--lm_eval_include {include}: no such folder")
     tm = TaskManager(include_path=os.path.abspath(include), include_defaults=False) if include else TaskManager()
     names = [t for t in tasks.split(",") if t]
     unknown = [t for t in names if t not in tm.all_tasks]
     if unknown:
-        raise EvalError(f"--lm_eval_tasks: unknown task(s) {', '.join(unknown)}" +
+        raise DataError(f"--lm_eval_tasks: unknown task(s) {', '.join(unknown)}" +
                         (f" in --lm_eval_include {include}" if include else ""))
     lm = DiffusionLM(scorer=scorer, max_gen_toks=max_gen_toks)
     return simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, bootstrap_iters=0,
@@ -754,7 +689,7 @@ def main(argv=None):
                         se = ms.get(f"{name}_stderr,{filt}")
                         table.append((task, name, v, se if isinstance(se, (int, float)) else None,
                                       res.get("n-samples", {}).get(task, {}).get("effective", 0)))
-    except (EvalError, OSError, ValueError) as e:
+    except (DataError, OSError, ValueError) as e:
         args.error(first_line(e))
     print(f"{'AR' if args.ar else 'diffusion'}: {scorer.model_name}")
     print_table(table)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import check_model_folder, first_line
 from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, group_rank_size, make_bidirectional,
                              resolve_attn_implementation)
 
@@ -38,19 +39,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 # -----------------------------------------------------------------------------
 # command-line helpers shared by the scripts
-
-def first_line(e):
-    """An exception as one line (the scripts' errors are one line)."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def check_output_file(path, error):
-    """--output must be a file in an existing folder."""
-    if os.path.isdir(path):
-        error(f"--output {path} is a folder, not a file")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        error(f"--output {path}: its folder does not exist")
-
 
 def cache_conflict(sampler, cache):
     """Why --cache cannot go with this sampler, or None."""
@@ -129,53 +117,6 @@ def embedded_model_path():
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "vocab.json", "adapter_config.json", "dlm_config.json")
-
-
-def check_safetensors(path):
-    """Raise ValueError naming `path` unless it is a whole safetensors file: an 8-byte header length, a JSON
-    header, and exactly the bytes that header describes (a truncated or foreign file fails here)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file, or truncated ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise ValueError(f"{path}: not a safetensors file (its header is not valid)") from None
-    if 8 + n + max(ends, default=0) != size:
-        raise ValueError(f"{path}: truncated or damaged safetensors file ({size} bytes, its header describes "
-                         f"{8 + n + max(ends, default=0)})")
-
-
-def check_model_folder(path):
-    """Raise FileNotFoundError / ValueError, one line naming the file, when a model folder is damaged: empty,
-    a config/tokenizer JSON file that does not parse, an index naming a missing shard, or a safetensors file
-    that is truncated or not safetensors. Opens headers only; loads no weights."""
-    names = os.listdir(path)
-    if not names:
-        raise FileNotFoundError(f"{path}: empty folder (no config.json, no weights: not a model folder)")
-    for name in sorted(n for n in names if n in JSON_FILES or n.endswith(".safetensors.index.json")):
-        try:
-            with open(os.path.join(path, name), encoding="utf-8") as f:
-                data = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{os.path.join(path, name)}: not valid JSON ({first_line(e)})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{os.path.join(path, name)}: not a JSON object")
-        if name.endswith(".safetensors.index.json") and isinstance(data.get("weight_map"), dict):
-            shards = set(data["weight_map"].values())
-            for shard in sorted(shards):
-                if not os.path.isfile(os.path.join(path, shard)):
-                    raise FileNotFoundError(f"{os.path.join(path, name)} names {shard}, which is missing")
-    for name in sorted(n for n in names if n.endswith(".safetensors")):
-        check_safetensors(os.path.join(path, name))
 
 
 def resolve_model_path(name):

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model import check_model_folder, first_line
+from common import check_model_folder, first_line
 
 EXPERT_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<idx>\d+)\.(?P<name>[^.]+)\.weight$")
 MERGED_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<name>[A-Za-z_]\w*)(?:\.weight)?$")

@@ -19,8 +19,9 @@ import sys
 
 import torch
 
-from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, check_output_file,
-                   check_sampler_args, default_device, default_dtype, first_line, max_positions, sample)
+from common import check_output_file, first_line
+from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, check_sampler_args,
+                   default_device, default_dtype, max_positions, sample)
 
 
 def parse_args(argv=None):

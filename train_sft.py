@@ -57,7 +57,7 @@ from train_adapt import (add_run_args, base_tokenizer, batch_blocks, cli, die, f
                          start_run, train_loop, wrap_model, _Help)
 from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
                    maskable_positions, noise_draw, sample, start_token_id)
-from eval_zeroshot import EvalError, field, gsm8k_number, normalize_answer, read_records
+from common import DataError, field, is_correct, read_records
 
 PROG = "train_sft.py"
 SYNTHETIC = "synthetic_arith"
@@ -187,20 +187,20 @@ def read_pairs(data, flag, n_synthetic, split):
         return synthetic_arith(split, n_synthetic), SYNTHETIC
     try:
         return read_records(data), data
-    except EvalError as e:
+    except DataError as e:
         die(f"{flag} {e}")
 
 
 def render(tok, rec, path, i, chat_template):
-    """(prompt text, response text) of one record; EvalError naming the record when it is malformed."""
+    """(prompt text, response text) of one record; DataError naming the record when it is malformed."""
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise EvalError(f"{path} record {i}: 'messages' must be a list of {{\"role\", \"content\"}}")
+            raise DataError(f"{path} record {i}: 'messages' must be a list of {{\"role\", \"content\"}}")
         if msgs[-1]["role"] != "assistant":
-            raise EvalError(f"{path} record {i}: the last message must be the assistant's (the response)")
+            raise DataError(f"{path} record {i}: the last message must be the assistant's (the response)")
         if not getattr(tok, "chat_template", None):
-            raise EvalError(f"{path} record {i}: chat records need a tokenizer with a chat template")
+            raise DataError(f"{path} record {i}: chat records need a tokenizer with a chat template")
         prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
         return prompt, msgs[-1]["content"]
     question, answer = str(field(rec, "instruction", path=path, i=i)), str(field(rec, "output", path=path, i=i))
@@ -222,7 +222,7 @@ def encode_pairs(tok, records, path, args, flag):
     for i, rec in enumerate(records, 1):
         try:
             prompt, response = render(tok, rec, path, i, args.chat_template)
-        except EvalError as e:
+        except DataError as e:
             die(f"{flag} {e}")
         p = tok.encode(prompt, add_special_tokens=False)
         if start is not None and (not p or p[0] != start):
@@ -287,14 +287,6 @@ def load_adapter_weights(raw, ckpt):
 
 # -----------------------------------------------------------------------------
 # evaluation: sample each answer, compare
-
-def is_correct(prediction, reference):
-    """GSM-style references compare the number after '####'; others the whole normalised answer."""
-    gold = gsm8k_number(reference)
-    if gold is not None:
-        return gsm8k_number(prediction) == gold
-    return normalize_answer(prediction) == normalize_answer(reference)
-
 
 @torch.no_grad()
 def answer(raw, examples, args, gen_len, sampler):

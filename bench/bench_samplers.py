@@ -36,7 +36,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from model import DTYPES, build_inputs, cut_at_eos, default_device, default_dtype, first_line, sample  # noqa: E402
+from common import first_line  # noqa: E402
+from model import DTYPES, build_inputs, cut_at_eos, default_device, default_dtype, sample  # noqa: E402
 
 # name -> (sampler, keyword arguments of model.sample); "ar_*" run the AR parent's generate
 CONFIGS = {

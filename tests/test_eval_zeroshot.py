@@ -89,16 +89,16 @@ def test_read_every_format(tmp_path):
 
 def test_reader_errors_name_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(ez.EvalError, match=r"bad.jsonl line 2: not valid JSON"):
+    with pytest.raises(ez.DataError, match=r"bad.jsonl line 2: not valid JSON"):
         ez.read_records(str(tmp_path / "bad.jsonl"))
     (tmp_path / "bad.json").write_text('[{"a": 1},\n {"a": }]')
-    with pytest.raises(ez.EvalError, match=r"bad.json line 2"):
+    with pytest.raises(ez.DataError, match=r"bad.json line 2"):
         ez.read_records(str(tmp_path / "bad.json"))
-    with pytest.raises(ez.EvalError, match=r"f.jsonl record 3: missing field 'sol2'"):
+    with pytest.raises(ez.DataError, match=r"f.jsonl record 3: missing field 'sol2'"):
         ez.make_example("piqa", {"goal": "a", "sol1": "b", "label": 0}, "f.jsonl", 3)
-    with pytest.raises(ez.EvalError, match=r"answer index 5 outside the 2 choices"):
+    with pytest.raises(ez.DataError, match=r"answer index 5 outside the 2 choices"):
         ez.make_example("piqa", {"goal": "a", "sol1": "b", "sol2": "c", "label": 5}, "f.jsonl", 1)
-    with pytest.raises(ez.EvalError, match=r"has no '#### <number>'"):
+    with pytest.raises(ez.DataError, match=r"has no '#### <number>'"):
         ez.make_example("gsm8k", {"instruction": "q", "output": "4"}, "g.json", 1)
 
 
@@ -313,7 +313,7 @@ def test_download_fallback_uses_datasets(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
     recs, src = ez.load_task_records("piqa", download=True)
     assert src == "hf:ybisk/piqa" and recs[0]["label"] == 1
-    with pytest.raises(ez.EvalError, match="--download"):
+    with pytest.raises(ez.DataError, match="--download"):
         ez.load_task_records("piqa")
 
 

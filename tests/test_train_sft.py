@@ -314,7 +314,7 @@ def test_chat_records_and_chat_template():
     pair = {"instruction": "the king", "output": "queen lord"}
     assert train_sft.render(tok, pair, "f.jsonl", 1, True) == ("user the king assistant", "queen lord")
     assert train_sft.render(tok, pair, "f.jsonl", 1, False) == ("Question: the king\nAnswer:", " queen lord")
-    with pytest.raises(train_sft.EvalError, match="f.jsonl record 3: the last message must be the assistant's"):
+    with pytest.raises(train_sft.DataError, match="f.jsonl record 3: the last message must be the assistant's"):
         train_sft.render(tok, {"messages": rec["messages"][:1]}, "f.jsonl", 3, False)
 
 

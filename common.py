@@ -1,0 +1,157 @@
+"""
+What the scripts share that is neither the model nor the run loop: one-line errors, checks on the files they
+read and write (safetensors headers, model folders), task records (JSON, JSONL, CSV, TXT) and the answer
+checker. No torch and no lm_eval here, so every script can import it, moe_convert.py included.
+
+    from common import read_records, is_correct
+    records = read_records("../shared/data/gsm8k_test.json")
+    is_correct("... #### 42", records[0]["output"])
+"""
+import csv
+import json
+import os
+import re
+import string
+
+
+class DataError(ValueError):
+    """Bad input data: reported as one line naming the flag, file or record."""
+
+
+# -----------------------------------------------------------------------------
+# errors and files
+
+def first_line(e):
+    """An exception as one line (the scripts' errors are one line)."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def check_output_file(path, error):
+    """--output must be a file in an existing folder."""
+    if os.path.isdir(path):
+        error(f"--output {path} is a folder, not a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        error(f"--output {path}: its folder does not exist")
+
+
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "adapter_config.json", "dlm_config.json")
+
+
+def check_safetensors(path):
+    """Raise ValueError naming `path` unless it is a whole safetensors file: an 8-byte header length, a JSON
+    header, and exactly the bytes that header describes (a truncated or foreign file fails here)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file, or truncated ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path}: not a safetensors file (its header is not valid)") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise ValueError(f"{path}: truncated or damaged safetensors file ({size} bytes, its header describes "
+                         f"{8 + n + max(ends, default=0)})")
+
+
+def check_model_folder(path):
+    """Raise FileNotFoundError / ValueError, one line naming the file, when a model folder is damaged: empty,
+    a config/tokenizer JSON file that does not parse, an index naming a missing shard, or a safetensors file
+    that is truncated or not safetensors. Opens headers only; loads no weights."""
+    names = os.listdir(path)
+    if not names:
+        raise FileNotFoundError(f"{path}: empty folder (no config.json, no weights: not a model folder)")
+    for name in sorted(n for n in names if n in JSON_FILES or n.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{os.path.join(path, name)}: not valid JSON ({first_line(e)})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{os.path.join(path, name)}: not a JSON object")
+        if name.endswith(".safetensors.index.json") and isinstance(data.get("weight_map"), dict):
+            shards = set(data["weight_map"].values())
+            for shard in sorted(shards):
+                if not os.path.isfile(os.path.join(path, shard)):
+                    raise FileNotFoundError(f"{os.path.join(path, name)} names {shard}, which is missing")
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        check_safetensors(os.path.join(path, name))
+
+
+
+# -----------------------------------------------------------------------------
+# task records: JSON (a list, or {"data": [...]}), JSONL, CSV (header row) or TXT (one record a line)
+
+def read_records(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8", newline="" if ext == ".csv" else None) as f:
+            if ext == ".jsonl":
+                records = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path} line {i}: not valid JSON ({e.msg})")
+            elif ext == ".json":
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})")
+                records = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+                if not isinstance(records, list):
+                    raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+            elif ext == ".csv":
+                records = list(csv.DictReader(f))
+            else:
+                records = [{"text": line.rstrip("\n")} for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text")
+    for i, r in enumerate(records, 1):
+        if isinstance(r, str):
+            records[i - 1] = r = {"text": r}
+        if not isinstance(r, dict):
+            raise DataError(f"{path} record {i}: expected an object with named fields, got {type(r).__name__}")
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def field(r, *names, path="", i=0):
+    for n in names:
+        if n in r and r[n] is not None:
+            return r[n]
+    raise DataError(f"{path} record {i}: missing field {' or '.join(repr(n) for n in names)}")
+
+
+
+# -----------------------------------------------------------------------------
+# answers
+
+def gsm8k_number(text):
+    """The number after the first '####', without commas, '$' or a trailing '.0'; None if there is none."""
+    m = re.search(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+    if not m:
+        return None
+    num = m.group(1).replace(",", "")
+    return num[:-2] if num.endswith(".0") else num
+
+
+def normalize_answer(s):
+    """SQuAD/TriviaQA normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def is_correct(prediction, reference):
+    """GSM-style references compare the number after '####'; others the whole normalised answer."""
+    gold = gsm8k_number(reference)
+    if gold is not None:
+        return gsm8k_number(prediction) == gold
+    return normalize_answer(prediction) == normalize_answer(reference)
