@@ -1,0 +1,265 @@
+"""
+PNG plots of training logs and benchmark results (matplotlib, no display needed).
+
+    python bench/plot.py loss out/quickstart/log.jsonl --out bench/plots/quickstart_loss.png
+    python bench/plot.py loss out/adapt/log.jsonl out/sft/log.jsonl --out loss.png    # overlaid, labelled by folder
+    python bench/plot.py lambada bench/results/lambada_tokens.jsonl --out bench/plots/lambada_tokens.png
+    python bench/plot.py speed bench/results/samplers_cpu.jsonl --out bench/plots/sampler_speed.png
+
+loss: training loss, validation loss (val_loss) and the learning rate against the step from the log.jsonl
+of train_adapt.py or train_sft.py (a third panel for eval_accuracy when a log has it). Lines without any
+of these (e.g. {"step": 60, "stopped": "SIGTERM"}) are skipped.
+
+lambada: LAMBADA accuracy against tokens of adaptation, one line per "run" (log x axis), from JSON lines
+with run, tokens, accuracy and optional stderr, lines (how many LAMBADA lines were scored) and ar.
+Rows at 0 tokens (the AR parent, "ar": true, and the untrained bidirectional model) are horizontal lines.
+
+speed: tokens/s against tokens per forward (1 / forwards_per_token), one panel per batch size, one
+marker per sampler configuration, the AR parent's greedy decoding (ar_greedy) as a horizontal line, from
+the JSON lines bench/bench_samplers.py --results writes.
+
+Bad input (a missing file, a line that is not JSON, a missing or non-numeric field) is one line naming the
+file and line, exit status 2.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")   # files only: no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import DataError, check_output_file, first_line  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSON-lines file, blank lines skipped."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path} line {i}: not valid JSON ({first_line(e)})") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{path} line {i}: expected a JSON object, got {type(r).__name__}")
+        rows.append((i, r))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def number(r, key, path, i, optional=False):
+    """r[key] as a float (None when optional and absent or null)."""
+    v = r.get(key)
+    if v is None and optional:
+        return None
+    if key not in r:
+        raise DataError(f"{path} line {i}: missing field {key!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DataError(f"{path} line {i}: field {key!r} is not a number ({v!r})")
+    return float(v)
+
+
+def text(r, key, path, i):
+    if not isinstance(r.get(key), str) or not r[key]:
+        raise DataError(f"{path} line {i}: missing field {key!r} (a name)")
+    return r[key]
+
+
+LOG_KEYS = ("loss", "val_loss", "lr", "eval_accuracy")
+
+
+def loss_series(path):
+    """{key: (steps, values)} for each of LOG_KEYS the log has, in file order."""
+    series = {k: ([], []) for k in LOG_KEYS}
+    for i, r in read_jsonl(path):
+        step = number(r, "step", path, i)
+        for k in LOG_KEYS:
+            v = number(r, k, path, i, optional=True)
+            if v is not None:
+                series[k][0].append(step)
+                series[k][1].append(v)
+    if not series["loss"][0] and not series["val_loss"][0]:
+        raise DataError(f"{path}: no line has 'loss' or 'val_loss' (not a train_adapt.py / train_sft.py log.jsonl?)")
+    return {k: s for k, s in series.items() if s[0]}
+
+
+def lambada_series(path):
+    """(references, runs, lines): references [(label, accuracy, ar, marked)] for the rows at 0 tokens; runs
+    {label: (tokens, accuracies, stderrs, marked)} sorted by tokens; lines the LAMBADA size most rows have.
+    Rows scored on another number of lines are marked: "(N lines)" in their label, drawn fainter."""
+    rows = []
+    for i, r in read_jsonl(path):
+        lines = r.get("lines")
+        if lines is not None and (isinstance(lines, bool) or not isinstance(lines, int)):
+            raise DataError(f"{path} line {i}: field 'lines' is not a whole number ({lines!r})")
+        tokens = number(r, "tokens", path, i)
+        if tokens < 0:
+            raise DataError(f"{path} line {i}: field 'tokens' is negative ({tokens:g})")
+        rows.append((text(r, "run", path, i), tokens, number(r, "accuracy", path, i),
+                     number(r, "stderr", path, i, optional=True), lines, bool(r.get("ar"))))
+    sizes = [row[4] for row in rows]
+    usual = max(sizes, key=sizes.count)
+    refs, runs = [], {}
+    for run, tokens, acc, err, lines, ar in rows:
+        marked = lines != usual
+        label = f"{run} ({lines:,} lines)" if marked and lines is not None else run
+        if tokens == 0:
+            refs.append((label, acc, ar, marked))
+        else:
+            runs.setdefault((label, marked), []).append((tokens, acc, err))
+    runs = {label: (*map(list, zip(*sorted(pts, key=lambda p: p[0]))), marked) for (label, marked), pts in runs.items()}
+    return refs, runs, usual
+
+
+def speed_series(path):
+    """(settings of the first row, {batch: {config: (tokens per forward, tokens/s)}}), configs in file order."""
+    panels, settings = {}, None
+    for i, r in read_jsonl(path):
+        name, bs = text(r, "config", path, i), number(r, "batch", path, i)
+        if bs != int(bs) or bs < 1:
+            raise DataError(f"{path} line {i}: field 'batch' is not a batch size ({bs:g})")
+        bs = int(bs)
+        tps, fpt = number(r, "tokens_per_s", path, i), number(r, "forwards_per_token", path, i)
+        if fpt <= 0:
+            raise DataError(f"{path} line {i}: field 'forwards_per_token' is not positive ({fpt:g})")
+        if name in panels.get(bs, {}):
+            raise DataError(f"{path} line {i}: a second row for {name} at batch {bs} (one file per setting)")
+        panels.setdefault(bs, {})[name] = (1 / fpt, tps)
+        settings = settings or r
+    return settings, dict(sorted(panels.items()))
+
+
+# -----------------------------------------------------------------------------
+# drawing: each returns the Figure, so the tests can read back what was drawn
+
+def draw_loss(paths):
+    logs = [(p, loss_series(p)) for p in paths]
+    names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    if len(set(names)) < len(names):   # two runs named alike in different places: show the path
+        names = [os.path.dirname(p) or "." for p in paths]
+    acc = any("eval_accuracy" in s for _, s in logs)
+    fig, axes = plt.subplots(3 if acc else 2, 1, sharex=True, figsize=(8, 8.5 if acc else 6.5),
+                             gridspec_kw=dict(height_ratios=[3, 1, 1.5] if acc else [3, 1]))
+    for n, (name, (_, s)) in enumerate(zip(names, logs)):
+        color = f"C{n % 10}"
+        if "loss" in s:
+            axes[0].plot(*s["loss"], color=color, lw=1, alpha=0.8, label=f"{name}: training loss")
+        if "val_loss" in s:
+            axes[0].plot(*s["val_loss"], color=color, ls="--", marker="o", ms=4, label=f"{name}: validation loss")
+        if "lr" in s:
+            axes[1].plot(*s["lr"], color=color, label=name)
+        if "eval_accuracy" in s:
+            axes[2].plot(*s["eval_accuracy"], color=color, marker="o", ms=4, label=name)
+    axes[0].set_ylabel("loss")
+    axes[0].set_title("Training and validation loss" if len(paths) > 1 else f"{names[0]}: training and validation loss")
+    axes[0].legend(fontsize=8)
+    axes[1].set_ylabel("learning rate")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if acc:
+        axes[2].set_ylabel("eval accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig
+
+
+def draw_lambada(path):
+    refs, runs, usual = lambada_series(path)
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for n, (label, (tokens, acc, err, marked)) in enumerate(runs.items()):
+        yerr = None if all(e is None for e in err) else [0 if e is None else e for e in err]
+        ax.errorbar(tokens, acc, yerr=yerr, color=f"C{n % 10}", marker="o", ms=6, capsize=3, label=label,
+                    ls="--" if marked else "-", mfc="none" if marked else None, alpha=0.6 if marked else 1)
+    for n, (label, acc, ar, marked) in enumerate(refs):
+        ax.axhline(acc, color="black" if ar else "grey", ls=":" if marked else "-" if ar else "--", lw=1.2,
+                   alpha=0.6 if marked else 1, label=f"{label}: {acc:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of adaptation (log scale)")
+    ax.set_ylabel("LAMBADA accuracy (greedy last word)")
+    ax.set_title("LAMBADA accuracy against tokens of adaptation"
+                 + (f" ({usual:,} lines unless marked)" if usual is not None else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+MARKERS = "osD^vP*X<>ph"
+
+
+def draw_speed(path):
+    settings, panels = speed_series(path)
+    configs = list(dict.fromkeys(c for p in panels.values() for c in p if c != "ar_greedy"))
+    style = {c: dict(color=plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")(n), marker=MARKERS[n % len(MARKERS)])
+             for n, c in enumerate(configs)}
+    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False, figsize=(5 * len(panels) + 2.5, 5.5))
+    for ax, (bs, points) in zip(axes[0], panels.items()):
+        for name, (x, y) in points.items():
+            if name == "ar_greedy":
+                ax.axhline(y, color="black", ls="--", lw=1.2)
+                ax.annotate(f"AR parent, greedy (ar_greedy): {y:.1f} tok/s", (0.98, y), xycoords=("axes fraction", "data"),
+                            xytext=(0, 4), textcoords="offset points", ha="right", fontsize=8)
+            else:   # hollow markers of different shapes: points at the same place stay visible
+                ax.plot([x], [y], ls="", ms=9, mew=1.8, mfc="none", label=name, **style[name])
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("tokens per forward (1 / forwards per token)")
+        ax.set_title(f"batch {bs}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("tokens/s (log scale)")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=8, title="configuration")
+    s = settings
+    fig.suptitle(f"Sampler speed: {s.get('model_name', '?')}, {s.get('n_prompts', '?')} prompts x "
+                 f"{s.get('gen_len', '?')} new tokens, {s.get('device', '?')}, {s.get('dtype', '?')}, "
+                 f"{s.get('clock', '?')} clock, {s.get('threads', '?')} thread(s)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))
+    return fig
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="PNG plots of training logs and benchmark results")
+    sub = p.add_subparsers(dest="kind", required=True)
+    for kind, helps in (("loss", "log.jsonl files of train_adapt.py / train_sft.py (several overlay)"),
+                        ("lambada", "JSON lines: run, tokens, accuracy [, stderr, lines, ar]"),
+                        ("speed", "JSON lines of bench/bench_samplers.py --results")):
+        q = sub.add_parser(kind, help=helps)
+        q.add_argument("files", nargs="+" if kind == "loss" else 1, help=helps)
+        q.add_argument("--out", required=True, help="the PNG to write (its folder must exist)")
+        q.add_argument("--dpi", type=int, default=120)
+    args = p.parse_args(argv)
+    check_output_file(args.out, lambda m: p.error(m))
+    draw = dict(loss=lambda: draw_loss(args.files), lambada=lambda: draw_lambada(args.files[0]),
+                speed=lambda: draw_speed(args.files[0]))[args.kind]
+    try:
+        fig = draw()
+    except DataError as e:
+        print(f"plot.py {args.kind}: {first_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    fig.savefig(args.out, dpi=args.dpi)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
