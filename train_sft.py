@@ -13,9 +13,9 @@ cross-entropy), full or LoRA (peft), and dFactory / LLaDA2.0-style block-diffusi
     python sample.py --model_name out/adapt/final --adapter_path out/sft/final ...        # a LoRA run's adapter
     python sample.py --model_name out/sft/final --sampler block ...                       # a --block_size run
 
-The run machinery (flags of the run, DDP, --sp_size, --fsdp, the global batch, out_dir rules, atomic
-checkpoints and exact resume, the LR schedule, JSONL and tqdm logging, stop signals) is train_adapt.py's,
-imported; this file holds the data, the SFT loss step and the evaluation. --sp_size works for full and LoRA
+The run (flags of the run, DDP, --sp_size, --fsdp, the global batch, out_dir rules, atomic checkpoints and
+exact resume, `final`, the LR schedule, JSONL and tqdm logging, stop signals) is trainer.py's, shared with
+train_adapt.py; this file holds the data, the SFT loss step and the evaluation. --sp_size works for full and LoRA
 runs (not with --block_size), --fsdp for full runs (not with --lora_r).
 
     torchrun --nproc_per_node=2 train_sft.py --data synthetic_arith --sp_size 2 --pad_to 128
@@ -45,16 +45,13 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 (greedy; the block sampler in block mode), stopping at EOS; GSM-style answers compare the number after
 '####', others the whole normalised answer. eval_accuracy goes to log.jsonl.
 """
-import math
 import os
 import random
 
 import torch
 
-import train_adapt
-from train_adapt import (add_run_args, base_tokenizer, batch_blocks, cli, die, finish_run, flag_error, grad_sync,
-                         init_distributed, load_model, log0, make_optimizer, open_log, rank_rows, restore_run, run_main,
-                         start_run, train_loop, wrap_model, _Help)
+import trainer
+from trainer import at_least, die, flag_error, log0, real
 from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
                    maskable_positions, noise_draw, sample, start_token_id)
 from common import DataError, field, is_correct, read_records
@@ -71,53 +68,42 @@ FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id",
 # arguments
 
 def build_parser():
-    import argparse
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=_Help,
-                                description="Diffusion fine-tuning (see the top of train_sft.py).")
-    add_run_args(p, out_dir="out/sft", lr=2e-5, min_lr=2e-6, warmup_steps=10, max_steps=500, batch_size=8,
+    p = trainer.Parser(prog=PROG, description="Diffusion fine-tuning (see the top of train_sft.py).")
+    trainer.add_run_args(p, out_dir="out/sft", lr=2e-5, min_lr=2e-6, warmup_steps=10, max_steps=500, batch_size=8,
                  eval_every=100, save_every=100)
     a = p.add_argument
     a("--data", default=SYNTHETIC, help="training pairs: .json/.jsonl file, or 'synthetic_arith' (its train split)")
     a("--eval_data", default=None, help="evaluation pairs: .json/.jsonl file, or 'synthetic_arith' (its test split)")
-    a("--eval_n", type=int, default=100, help="evaluate on the first N examples of --eval_data (0 = all)")
-    a("--synthetic_n", type=int, default=5000, help="synthetic_arith: training problems generated")
+    a("--eval_n", type=at_least(0), default=100, help="evaluate on the first N examples of --eval_data (0 = all)")
+    a("--synthetic_n", type=at_least(1), default=5000, help="synthetic_arith: training problems generated")
     a("--chat_template", action="store_true", help="render pairs as one user turn of the tokenizer's chat template")
-    a("--seq_len", type=int, default=512, help="longest sequence (BOS + prompt + response + EOS); longer is an error")
-    a("--pad_to", type=int, default=None, help="pad every sequence with EOS to this length (default: to the longest of the batch)")
+    a("--seq_len", type=at_least(2), default=512, help="longest sequence (BOS + prompt + response + EOS); longer is an error")
+    a("--pad_to", type=at_least(1), default=None, help="pad every sequence with EOS to this length (default: to the longest of the batch)")
     a("--loss_norm", default="masked", choices=["masked", "answer_length"],
       help="masked: divide by the masked tokens (DiffuLLaMA); answer_length: by each response's length, then the sequences (LLaDA)")
-    a("--block_size", type=int, default=None, help="block-diffusion SFT with blocks of this many tokens")
+    a("--block_size", type=at_least(1), default=None, help="block-diffusion SFT with blocks of this many tokens")
     a("--same_token_labels", action="store_true", help="output i predicts token i (LLaDA2.0; sets --no_shift)")
-    a("--lora_r", type=int, default=None, help="LoRA rank (LoRA through peft; default: full fine-tuning)")
-    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 * --lora_r)")
-    a("--lora_dropout", type=float, default=None, help="LoRA dropout (default 0.0)")
+    a("--lora_r", type=at_least(1), default=None, help="LoRA rank (LoRA through peft; default: full fine-tuning)")
+    a("--lora_alpha", type=real(0.0, strict=True), default=None, help="LoRA alpha (default: 2 * --lora_r)")
+    a("--lora_dropout", type=real(0.0, below=1.0), default=None, help="LoRA dropout (default 0.0)")
     a("--lora_target", default=None, help="'all' (every linear layer but the head) or module names, e.g. q_proj,v_proj (default all)")
     a("--modules_to_save", default=None, help="modules trained in full beside LoRA, e.g. embed_tokens (DiffuLLaMA)")
     a("--merge_lora", action="store_true", help="at the end, also write <out_dir>/merged: base + adapter as a plain HF folder")
     a("--sampler", default="low_confidence", help=f"evaluation sampler: one of {', '.join(SAMPLERS)} (block mode: block)")
-    a("--diffusion_steps", type=int, default=None, help="evaluation sampler steps (default: --eval_gen_len)")
-    a("--eval_gen_len", type=int, default=None, help="tokens generated per evaluation answer (default: the longest reference answer + 1)")
-    a("--eval_batch_size", type=int, default=16, help="evaluation prompts per sampler call (per rank)")
+    a("--diffusion_steps", type=at_least(1), default=None, help="evaluation sampler steps (default: --eval_gen_len)")
+    a("--eval_gen_len", type=at_least(1), default=None, help="tokens generated per evaluation answer (default: the longest reference answer + 1)")
+    a("--eval_batch_size", type=at_least(1), default=16, help="evaluation prompts per sampler call (per rank)")
     return p
 
 
 def check_sft_args(args):
-    """The flags of this script (the run flags are checked by train_adapt.validate_args): exit status 2."""
-    for flag in ("pad_to", "block_size", "lora_r", "eval_gen_len", "diffusion_steps", "eval_batch_size", "synthetic_n"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            flag_error(f"--{flag} must be >= 1, got {v}")
-    if args.eval_n < 0:
-        flag_error(f"--eval_n must be >= 0, got {args.eval_n}")
+    """The rules between this script's flags (each flag's range is its argparse type; the run flags' rules are
+    trainer.check_run_args): exit status 2, one line."""
     if args.pad_to is not None and args.pad_to > args.seq_len:
         flag_error(f"--pad_to {args.pad_to} is longer than --seq_len {args.seq_len}")
     lora_flags = [f for f in ("lora_alpha", "lora_dropout", "lora_target", "modules_to_save") if getattr(args, f) is not None]
     if args.lora_r is None and (lora_flags or args.merge_lora):
         flag_error(f"--{(lora_flags or ['merge_lora'])[0]} needs --lora_r (LoRA is off without it)")
-    if args.lora_dropout is not None and not 0.0 <= args.lora_dropout < 1.0:
-        flag_error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
-        flag_error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
     if args.sampler not in SAMPLERS:
         flag_error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
     if args.sampler == "block" and args.block_size is None:
@@ -315,16 +301,12 @@ def eval_sampler(args):
 
 def main(argv=None):
     """Fine-tune (see the top of this file); returns the step reached."""
-    previous, train_adapt.PROG = train_adapt.PROG, PROG     # the shared machinery's error lines name this script
-    try:
-        return run_main(train, argv)
-    finally:
-        train_adapt.PROG = previous
+    return trainer.main(PROG, train, argv)
 
 
 def train(argv, stop):
     parser = build_parser()
-    args, run = start_run(parser, argv, FIXED_ON_RESUME)
+    args, run = trainer.start_run(parser, argv, FIXED_ON_RESUME, outputs=("merged",))
     check_sft_args(args)
     if args.block_size and run.attn == "flash_attention_2":
         die("--block_size needs a 4D attention mask: use --attn_implementation sdpa or eager")
@@ -332,7 +314,7 @@ def train(argv, stop):
         args.eval_data = os.path.abspath(args.eval_data)
 
     # tokenizer and data (small: held in memory, tokenised up front)
-    tok = base_tokenizer(args)
+    tok = trainer.load_base_tokenizer(args)
     records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
     train_set = encode_pairs(tok, records, path, args, "--data")
     eval_set = []
@@ -342,9 +324,11 @@ def train(argv, stop):
         eval_set = encode_pairs(tok, records[:n_eval], epath, args, "--eval_data")
     log0(f"data: {len(train_set)} training examples ({path})" + (f", {len(eval_set)} evaluation examples" if eval_set else ""))
 
-    init_distributed(args, run)
+    trainer.init_distributed(run)
+    trainer.prepare_out_dir(args, run)
+    trainer.seed_everything(args.seed + run.rank)
     lora = args.lora_r is not None
-    raw = load_model(args, run, from_checkpoint=not lora)
+    raw = trainer.load_model(args, run, from_checkpoint=not lora)
     if args.block_size:
         raw.config.block_size = args.block_size      # saved with the model: sample.py --sampler block uses it
     if lora:
@@ -352,10 +336,10 @@ def train(argv, stop):
         if run.ckpt is not None:
             load_adapter_weights(raw, run.ckpt)
         raw.train()
-    wrap_model(raw, args, run)
-    optimizer, params = make_optimizer(raw, args, run)
-    counters = restore_run(args, run, optimizer)
-    log = open_log(args, run, counters["step"])
+    trainer.wrap_model(raw, args, run)
+    optimizer, params = trainer.make_optimizer(raw, args, run)
+    counters = trainer.restore_run(args, run, optimizer)
+    log = trainer.open_log(args, run, counters["step"])
     if lora and run.rank == 0:
         n_train = sum(p.numel() for p in params)
         log0(f"LoRA: {n_train} trainable parameters of {sum(p.numel() for p in raw.parameters())}")
@@ -395,14 +379,14 @@ def train(argv, stop):
         return {"eval_accuracy": acc}
 
     B, A = args.batch_size, args.grad_accum
-    me = rank_rows(run, B)
+    me = trainer.rank_rows(run, B)
     by_length = args.loss_norm == "answer_length"
 
     def step_fn(step):
         # the global micro-batches and their noise first: the loss is normalised over the whole step
         micro, seen = [], counters["samples_seen"]
         for k in range(A):
-            x, prompt, resp_len = collate([train_set[i] for i in batch_blocks(len(train_set), seen + k * B, B, args.seed)],
+            x, prompt, resp_len = collate([train_set[i] for i in trainer.stream_indices(len(train_set), seen + k * B, B, args.seed)],
                                           eos, args.pad_to, run.sp_size)
             masked, t = noise_draw(maskable_positions(x, src_mask=prompt, shift=raw.shift), run.noise)
             micro.append((x, masked, t, resp_len))
@@ -417,7 +401,7 @@ def train(argv, stop):
             # answer_length: each masked token weighs 1 / (t * its response length), the sum over the step is
             # divided by the step's sequences (total); as a masked-token mean with t * length in place of t, times
             # this rank's masked count, it is this rank's (or this chunk's, with --sp_size) share of that sum
-            with grad_sync(run, k == A - 1), run.autocast:
+            with trainer.grad_sync(run, k == A - 1), run.autocast:
                 loss, unweighted, n = diffusion_loss(run.model, x, xt, masked, t * resp_len if by_length else t,
                                                      block_size=args.block_size, sp_group=run.sp_group)
             (loss * (n * W / total)).backward()
@@ -428,13 +412,13 @@ def train(argv, stop):
         return ({"loss": sums[0].item() / total, "unweighted_loss": sums[1].item() / max(n_masked, 1),
                  "n_masked": n_masked}, A * B, tokens)
 
-    step = train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, log, stop, desc="sft",
-                      extra_state=lambda: {"epoch": counters["samples_seen"] // len(train_set)})
+    step = trainer.train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, log, stop, desc="sft",
+                              extra_state=lambda: {"epoch": counters["samples_seen"] // len(train_set)})
     if run.rank == 0 and lora and args.merge_lora and step >= args.max_steps:
         merged = os.path.join(args.out_dir, "merged")
         write_merged(args, os.path.join(args.out_dir, f"step_{step:06d}"), merged)
         log0(f"merged: base + adapter as a plain HF folder in {merged}")
-    finish_run(args, run, step)
+    trainer.finish_run(args, run, step)
     return step
 
 
@@ -450,5 +434,4 @@ def write_merged(args, adapter, out):
 
 
 if __name__ == "__main__":
-    train_adapt.PROG = PROG
-    cli(main)
+    trainer.cli(PROG, train)

@@ -50,7 +50,7 @@ def worker(args):
     import torch
     import torch.distributed as dist
     from types import SimpleNamespace
-    import train_adapt as ta
+    import trainer
     from attention_patch import RING
     from model import DiscreteDiffusionModel, diffusion_loss, maskable_positions, noise_draw
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -66,7 +66,7 @@ def worker(args):
     model = raw
     run = SimpleNamespace(device_type="cpu", world_size=world, dtype="float32", fsdp=args.fsdp, ddp=world > 1)
     if args.fsdp:
-        ta.shard_model(raw, SimpleNamespace(cpu_offload=False), run)
+        trainer.shard_model(raw, SimpleNamespace(cpu_offload=False), run)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw)
     params = [p for p in raw.parameters() if p.requires_grad]

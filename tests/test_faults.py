@@ -21,6 +21,7 @@ import eval_zeroshot
 import moe_convert
 import sample
 import train_adapt as ta
+import trainer
 
 SCRIPTS = {"train_adapt.py": ta, "sample.py": sample, "moe_convert.py": moe_convert, "eval_zeroshot.py": eval_zeroshot}
 
@@ -212,7 +213,7 @@ def test_resume_skips_damaged_checkpoint(how, six_steps, tmp_path, capsys):
     assert train_curve(read_log(out)) == train_curve(read_log(six_steps))
     a, b = load_weights(out / "final"), load_weights(six_steps / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert ta.checkpoint_problem(str(out / "step_000006")) is None   # redone
+    assert trainer.checkpoint_problem(str(out / "step_000006")) is None   # redone
 
 
 def test_resume_with_no_intact_checkpoint_deletes_nothing(six_steps, tmp_path):
@@ -268,7 +269,7 @@ def test_failed_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
     assert not os.path.exists(out / "step_000004") and not os.path.exists(out / ".tmp-step_000004")
     assert {p: v for p, v in after.items() if "step_000002" in p or p.endswith("latest")} == \
         {p: v for p, v in seen.items() if "step_000002" in p or p.endswith("latest")}
-    assert ta.checkpoint_problem(str(out / "step_000002")) is None
+    assert trainer.checkpoint_problem(str(out / "step_000002")) is None
 
 
 def test_failed_save_retried(setup, tmp_path, monkeypatch, capsys):
@@ -286,7 +287,7 @@ def test_failed_save_retried(setup, tmp_path, monkeypatch, capsys):
     ta.main(common(setup, out, "--max_steps", "2", "--save_every", "2", "--save_retries", "1",
                    "--save_retry_wait", "0"))
     assert "retrying in 0 s" in capsys.readouterr().err
-    assert ta.checkpoint_problem(str(out / "step_000002")) is None and os.path.islink(out / "final")
+    assert trainer.checkpoint_problem(str(out / "step_000002")) is None and os.path.islink(out / "final")
 
 
 # ----------------------------------------------------------------------------- SIGTERM mid-run
@@ -350,7 +351,7 @@ def stopped_checkpoint(out):
     step = stops[0]["step"]
     assert 1 <= step < STEPS and not os.path.exists(out / "final")
     assert open(out / "latest").read().strip() == f"step_{step:06d}"
-    assert ta.checkpoint_problem(str(out / f"step_{step:06d}")) is None
+    assert trainer.checkpoint_problem(str(out / f"step_{step:06d}")) is None
     assert max(trained_steps(out)) == step      # stopped at the step boundary after the signal
     return step
 

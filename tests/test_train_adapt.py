@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, WORDS, assert_close_weights, kill_then_resume, save_tiny_ar, tiny_tokenizer, torchrun2
 
 import train_adapt as ta
+import trainer
 from attention_patch import anneal_ratio
 
 
@@ -78,7 +79,7 @@ def test_anneal_ratio_schedule():
 def test_lr_schedule():
     a = ta.build_parser().parse_args(["--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "4", "--max_steps", "20"])
     a.lr_decay_steps = 20
-    lrs = [ta.get_lr(s, a) for s in range(25)]
+    lrs = [trainer.get_lr(s, a) for s in range(25)]
     assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[3] == pytest.approx(1e-3 * 4 / 5)
     assert lrs[4] == pytest.approx(1e-3)
     assert all(x >= y for x, y in zip(lrs[4:20], lrs[5:21]))
@@ -103,11 +104,16 @@ def test_checkpoint_layout_and_loading(six_steps, setup):
     out = str(six_steps)
     assert sorted(n for n in os.listdir(out) if n.startswith("step_")) == ["step_000003", "step_000006"]
     assert open(os.path.join(out, "latest")).read().strip() == "step_000006"
-    assert os.path.realpath(os.path.join(out, "final")) == os.path.realpath(os.path.join(out, "step_000006"))
-    files = set(os.listdir(os.path.join(out, "final")))
-    assert {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "rng_rank0.json",
-            "tokenizer.json"} <= files
-    state = json.load(open(os.path.join(out, "final", "trainer_state.json")))
+    # final: the model alone (what from_pretrained needs), its files hard links to the last checkpoint's
+    final, last = os.path.join(out, "final"), os.path.join(out, "step_000006")
+    assert os.path.isdir(final) and not os.path.islink(final)
+    files = set(os.listdir(final))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "manifest.json"} <= files
+    assert not {"optimizer.safetensors", "trainer_state.json", "rng_rank0.json"} & files
+    assert {"optimizer.safetensors", "trainer_state.json", "rng_rank0.json"} <= set(os.listdir(last))
+    assert os.path.samefile(os.path.join(final, "model.safetensors"), os.path.join(last, "model.safetensors"))
+    assert json.load(open(os.path.join(final, "manifest.json")))["final"] == "step_000006"
+    state = json.load(open(os.path.join(last, "trainer_state.json")))
     assert state["step"] == 6 and state["samples_seen"] == 24 and state["args"]["seq_len"] == 32
 
     from transformers import AutoModelForCausalLM
@@ -156,7 +162,7 @@ def test_ddp_two_processes_match_one(setup):
     ddp, single = setup["dir"] / "ddp", setup["dir"] / "single"
     torchrun2("train_adapt.py", common(setup, ddp, *extra), subprocess_env())
     ta.main(common(setup, single, *extra))
-    assert os.path.exists(ddp / "final" / "rng_rank1.json")
+    assert os.path.exists(ddp / "step_000002" / "rng_rank1.json")
     assert_close_weights(load_weights(ddp / "final"), load_weights(single / "final"))
     for x, y in zip(read_log(ddp), read_log(single)):
         for k in ("loss", "unweighted_loss", "val_loss", "grad_norm"):
@@ -256,16 +262,16 @@ def test_ranks_read_disjoint_blocks():
     per_rank = B // world
     seen = {r: [] for r in range(world)}
     for step in range(n // B):
-        ids = ta.batch_blocks(n, step * B, B, seed=3)      # the global micro-batch; rank r takes its slice
+        ids = trainer.stream_indices(n, step * B, B, seed=3)      # the global micro-batch; rank r takes its slice
         for r in range(world):
             seen[r] += ids[r * per_rank:(r + 1) * per_rank]
     for r in range(world):
         for q in range(r):
             assert not set(seen[r]) & set(seen[q])          # ranks never read the same block in an epoch
     assert sorted(sum(seen.values(), [])) == list(range(n))  # and together they read every block once
-    assert ta.batch_blocks(n, 0, n, seed=3) != ta.batch_blocks(n, n, n, seed=3)  # a new order each epoch
-    assert ta.batch_blocks(n, 0, n, seed=3) == ta.batch_blocks(n, 0, n, seed=3)  # deterministic
-    big = ta.batch_blocks((1 << 25) + 7, 0, 1000, seed=0)   # the affine permutation of huge corpora
+    assert trainer.stream_indices(n, 0, n, seed=3) != trainer.stream_indices(n, n, n, seed=3)  # a new order each epoch
+    assert trainer.stream_indices(n, 0, n, seed=3) == trainer.stream_indices(n, 0, n, seed=3)  # deterministic
+    big = trainer.stream_indices((1 << 25) + 7, 0, 1000, seed=0)   # the affine permutation of huge corpora
     assert len(set(big)) == 1000
 
 
@@ -367,6 +373,6 @@ def test_plain_cuda_device_gets_an_index(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d) or torch.device(d).index)
-    args, run = ta.start_run(ta.build_parser(), ["--device", "cuda", "--out_dir", str(tmp_path / "o")],
-                              ta.FIXED_ON_RESUME)
+    args, run = trainer.start_run(ta.build_parser(), ["--device", "cuda", "--out_dir", str(tmp_path / "o")],
+                                   ta.FIXED_ON_RESUME)
     assert run.device == "cuda:0" and calls == ["cuda:0"] and run.dtype == "bfloat16"
