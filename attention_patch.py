@@ -15,7 +15,7 @@ Everything about attention for diffusion LMs adapted from causal LMs.
 - register_attention_kernel(name, fn, mask_fn): the one place a custom kernel (ring attention for
   sequence parallelism) is plugged into transformers' AttentionInterface, with its mask builder.
 - ring_attention(q, k, v, group, key_padding, anneal): exact attention of a sequence split in
-  contiguous chunks over a process group (K/V blocks round the ring, log-sum-exp merge, a backward that
+  contiguous chunks over a process group (K/V tiles round the ring, log-sum-exp merge, a backward that
   sends the dK/dV accumulators round); `attn_implementation="ring"` (resolve_attn_implementation
   registers it) runs it inside the transformers model classes. Used by train_adapt.py --sp_size:
 
@@ -73,7 +73,7 @@ def _srl(z, s):
 
 
 def mask_uniform(seed, rows, cols):
-    """U[0, 1) numbers for every (row, col) pair: a splitmix64 hash of (seed, i, j). Any block of the
+    """U[0, 1) numbers for every (row, col) pair: a splitmix64 hash of (seed, i, j). Any tile of the
     [L, L] matrix is computed on its own, so each rank of a ring builds only the rows it owns."""
     z = rows.long()[:, None] * _GOLDEN + cols.long()[None, :] * _COL + int(seed)
     z = (z ^ _srl(z, 30)) * _MIX1
@@ -88,8 +88,8 @@ def draw_mask_seed(generator=None, device="cpu"):
     return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=device).item())
 
 
-def anneal_block(seed, ratio, rows, cols):
-    """Rows x cols block of the annealing mask (True = attend): key j is visible from query i when
+def anneal_tile(seed, ratio, rows, cols):
+    """Rows x cols tile of the annealing mask (True = attend): key j is visible from query i when
     j <= i or when mask_uniform(seed, i, j) < ratio."""
     causal = cols[None, :] <= rows[:, None]
     if ratio <= 0:
@@ -104,8 +104,8 @@ def anneal_attention_mask(seq_len, ratio, attention_mask=None, batch_size=1, att
     fully bidirectional. `attention_mask` [B, L] (1 = real token) also hides padded keys.
     Returns [B, 1, L, L]: bool (True = attend) for sdpa, additive float (0 / finfo.min) for eager.
     Every query also attends to itself, so a padded row is never empty (no NaN).
-    The random part is one seed drawn from `generator` and hashed per (i, j) (`anneal_block`), so ring
-    attention builds any block of the same mask on any rank without the rest of it."""
+    The random part is one seed drawn from `generator` and hashed per (i, j) (`anneal_tile`), so ring
+    attention builds any tile of the same mask on any rank without the rest of it."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"annealing ratio must be in [0, 1], got {ratio}")
     if attn_implementation == "flash_attention_2":
@@ -113,7 +113,7 @@ def anneal_attention_mask(seq_len, ratio, attention_mask=None, batch_size=1, att
                          "or eager while annealing (or --anneal_steps 0)")
     seed = draw_mask_seed(generator, device) if ratio > 0 else 0
     pos = torch.arange(seq_len, device=device)
-    mask = anneal_block(seed, ratio, pos, pos)[None, None].expand(batch_size, 1, seq_len, seq_len)
+    mask = anneal_tile(seed, ratio, pos, pos)[None, None].expand(batch_size, 1, seq_len, seq_len)
     if attention_mask is not None:
         eye = torch.eye(seq_len, dtype=torch.bool, device=device)
         mask = (mask & attention_mask.bool()[:, None, None, :]) | eye
@@ -149,11 +149,11 @@ def register_attention_kernel(name, fn, mask_fn=None):
 #
 # Each rank holds the queries, keys and values of its own chunk. The K/V chunks travel round the ring
 # (rank r sends to r+1 and receives from r-1, batch_isend_irecv, the next transfer overlapping the current
-# block's compute); each rank merges its partial outputs through their log-sum-exp. The backward runs the
+# tile's compute); each rank merges its partial outputs through their log-sum-exp. The backward runs the
 # K/V round once more, and the dK/dV accumulators travel with their chunk until, after a full turn, they
-# reach the rank that owns it. The masks are built per block from global indices: the key padding of a
-# chunk travels with it, and the annealing mask comes from a seed (`anneal_block`), so no rank builds or
-# receives more than the [chunk x chunk] block it is computing.
+# reach the rank that owns it. The masks are built per tile from global indices: the key padding of a
+# chunk travels with it, and the annealing mask comes from a seed (`anneal_tile`), so no rank builds or
+# receives more than the [chunk x chunk] tile it is computing.
 
 RING = "ring"
 _warned = set()
@@ -182,15 +182,15 @@ def _wait(works):
         w.wait()
 
 
-def _ring_block_mask(rows, col0, n_cols, pad, anneal):
-    """Bool mask [B|1, 1, rows, n_cols] (True = attend) of the block whose keys start at global position
-    col0, or None when the block hides nothing. pad [B, n_cols] (1 = real token) is that chunk's key
+def _ring_tile_mask(rows, col0, n_cols, pad, anneal):
+    """Bool mask [B|1, 1, rows, n_cols] (True = attend) of the tile whose keys start at global position
+    col0, or None when the tile hides nothing. pad [B, n_cols] (1 = real token) is that chunk's key
     padding; anneal = (seed, ratio) or None (bidirectional). The same rule as anneal_attention_mask and
     transformers' bidirectional mask: annealing with padding hides padded keys but keeps the diagonal."""
     cols = torch.arange(col0, col0 + n_cols, device=rows.device)
     mask = None
     if anneal is not None:
-        mask = anneal_block(anneal[0], anneal[1], rows, cols)[None, None]
+        mask = anneal_tile(anneal[0], anneal[1], rows, cols)[None, None]
     if pad is not None:
         keys = pad.bool()[:, None, None, :]
         mask = keys if mask is None else (mask & keys) | (rows[:, None] == cols[None, :])
@@ -213,10 +213,10 @@ def _flash_attn_ok(q, mask):
     return q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
 
 
-def _block_forward(q, k, v, mask, scale):
-    """Attention of queries q [B, H, Lq, D] over one block of keys/values k, v [B, Hkv, Lk, D] (Hkv divides
+def _tile_forward(q, k, v, mask, scale):
+    """Attention of queries q [B, H, Lq, D] over one tile of keys/values k, v [B, Hkv, Lk, D] (Hkv divides
     H: GQA) with its log-sum-exp. Returns out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] (fp32 or f64): -inf
-    (and out 0) for rows the block hides completely."""
+    (and out 0) for rows the tile hides completely."""
     if _flash_attn_ok(q, mask):   # CUDA, flash-attn installed: its kernel takes [B, L, H, D] and returns the lse
         from flash_attn.flash_attn_interface import flash_attn_func
         out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale,
@@ -242,9 +242,9 @@ def _block_forward(q, k, v, mask, scale):
     return (p @ v.to(f).repeat_interleave(g, 1)).to(q.dtype), lse
 
 
-def _block_backward(dout, q, k, v, out, lse, mask, scale):
-    """dq, dk, dv of one block, given the MERGED output and log-sum-exp of the rows: the softmax of the
-    block is then exp(scores - lse), its share of the whole row. dk, dv have k's heads (GQA summed)."""
+def _tile_backward(dout, q, k, v, out, lse, mask, scale):
+    """dq, dk, dv of one tile, given the MERGED output and log-sum-exp of the rows: the softmax of the
+    tile is then exp(scores - lse), its share of the whole row. dk, dv have k's heads (GQA summed)."""
     if _flash_attn_ok(q, mask):
         from flash_attn.flash_attn_interface import _flash_attn_backward
         import inspect
@@ -281,7 +281,7 @@ def _block_backward(dout, q, k, v, out, lse, mask, scale):
 
 
 def _merge(out, lse, out_b, lse_b):
-    """Merge a block's partial attention into the running one through their log-sum-exps."""
+    """Merge a tile's partial attention into the running one through their log-sum-exps."""
     new = torch.logaddexp(lse, lse_b)
     safe = new.masked_fill(torch.isneginf(new), 0.0)   # rows that saw nothing yet stay 0
     out = out * torch.exp(lse - safe)[..., None] + out_b.to(out.dtype) * torch.exp(lse_b - safe)[..., None]
@@ -303,8 +303,8 @@ class _RingAttention(torch.autograd.Function):
                 incoming = [torch.empty_like(t) for t in chunk]
                 works = _ring_pass(chunk, incoming, group, tag=0)
             src = (rank - step) % size
-            mask = _ring_block_mask(rows, src * n, n, chunk[2] if pad is not None else None, anneal)
-            out_b, lse_b = _block_forward(q, chunk[0], chunk[1], mask, scale)
+            mask = _ring_tile_mask(rows, src * n, n, chunk[2] if pad is not None else None, anneal)
+            out_b, lse_b = _tile_forward(q, chunk[0], chunk[1], mask, scale)
             out, lse = _merge(out, lse, out_b, lse_b)
             if step < size - 1:
                 _wait(works)
@@ -330,8 +330,8 @@ class _RingAttention(torch.autograd.Function):
                 incoming = [torch.empty_like(t) for t in chunk]
                 works = _ring_pass(chunk, incoming, group, tag=1)
             src = (rank - step) % size
-            mask = _ring_block_mask(rows, src * n, n, chunk[2] if pad is not None else None, anneal)
-            dq_b, dk_b, dv_b = _block_backward(dout, q, chunk[0], chunk[1], out, lse, mask, scale)
+            mask = _ring_tile_mask(rows, src * n, n, chunk[2] if pad is not None else None, anneal)
+            dq_b, dk_b, dv_b = _tile_backward(dout, q, chunk[0], chunk[1], out, lse, mask, scale)
             dq += dq_b
             # the dK/dV accumulator of chunk `src` arrives from the rank that held it one step earlier
             if acc_works is not None:
@@ -355,7 +355,7 @@ def ring_attention(q, k, v, group=None, key_padding=None, anneal=None, scale=Non
     """Exact attention of a sequence split in equal contiguous chunks over `group` (rank r of the group
     holds positions [r*n, (r+1)*n)). q [B, H, n, D], k, v [B, Hkv, n, D] (GQA when Hkv < H): this rank's
     chunk. key_padding [B, n] (1 = real token) or None; anneal (seed, ratio) (the annealing mask of
-    `anneal_block`) or None for bidirectional. Returns [B, H, n, D]; differentiable (dq, dk, dv). Every
+    `anneal_tile`) or None for bidirectional. Returns [B, H, n, D]; differentiable (dq, dk, dv). Every
     rank of the group must call it with the same shapes (a collective). group=None: plain attention over
     this one chunk (no ring)."""
     if scale is None:
@@ -387,7 +387,7 @@ def ring_attention_forward(module, query, key, value, attention_mask, scaling=No
 
 def ring_padding_mask(batch_size, q_length=None, kv_length=None, attention_mask=None, **kwargs):
     """Mask builder registered with the ring kernel: it hands the kernel the chunk's 2-D key padding
-    mask as it is (or None); the kernel builds each block's mask itself."""
+    mask as it is (or None); the kernel builds each tile's mask itself."""
     return attention_mask
 
 

@@ -1,14 +1,19 @@
 """
-What the scripts share that is neither the model nor the run loop: one-line errors, checks on the files they
-read and write (safetensors headers, model folders), task records (JSON, JSONL, CSV, TXT) and the answer
-checker. No torch and no lm_eval here, so every script can import it, moe_convert.py included.
+What the scripts share that is neither the model nor the run loop: the command-line parser (one-line errors,
+defaults in --help, range types), checks on the files they read and write (safetensors headers, model
+folders), task records (JSON, JSONL, CSV, TXT) and the answer checker. No torch and no lm_eval here, so
+every script can import it, moe_convert.py included.
 
-    from common import read_records, is_correct
+    from common import Parser, at_least, read_records, is_correct
+    p = Parser(prog="my_script.py", description="...")
+    p.add_argument("--steps", type=at_least(1), default=8, help="steps")   # --steps 0: one line, exit 2
     records = read_records("../shared/data/gsm8k_test.json")
     is_correct("... #### 42", records[0]["output"])
 """
+import argparse
 import csv
 import json
+import math
 import os
 import re
 import string
@@ -16,6 +21,74 @@ import string
 
 class DataError(ValueError):
     """Bad input data: reported as one line naming the flag, file or record."""
+
+
+# -----------------------------------------------------------------------------
+# the command line: ranges are argparse types, so a bad value is one line naming the flag before anything loads
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`prog: error: --lr must be > 0 and finite, got -1` on stderr, exit
+    status 2, no usage block) and the defaults shown in --help (the module docstring kept as written)."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        message = re.sub(r"^argument ([^:/ ]+)(?:/[^: ]+)*: ", r"\1 ", message)   # "--flag must be ..."
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default only where it says something (None/False say it in words)
+        if "default" in (action.help or "") or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def at_least(low):
+    """An int flag >= low (an argparse type; it also checks a value given from Python)."""
+    def whole(s):
+        try:
+            v = int(s)
+            if isinstance(s, float) and v != s:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+    whole.__name__ = f"int >= {low}"
+    return whole
+
+
+def real(low=0.0, strict=False, below=None, at_most=None):
+    """A finite float flag > low (strict) or >= low, and < below or <= at_most when given."""
+    def number(s):
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+        if below is not None:
+            ok, rule = low <= v < below, f"in [{low:g}, {below:g})"
+        elif at_most is not None:
+            ok, rule = (low < v if strict else low <= v) and v <= at_most, f"in {'(' if strict else '['}{low:g}, {at_most:g}]"
+        else:
+            ok, rule = math.isfinite(v) and (low < v if strict else low <= v), f"{'>' if strict else '>='} {low:g} and finite"
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {v}")
+        return v
+    number.__name__ = "number"
+    return number
+
+
+def one_of(names):
+    """A flag naming one of `names` (an argparse type, given with choices=names for --help): the error lists them."""
+    def name(s):
+        if s not in names:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}, got {s!r}")
+        return s
+    return name
 
 
 # -----------------------------------------------------------------------------

@@ -2,20 +2,24 @@
 Zero-shot evaluation of a diffusion LM beside its AR parent, on the DiffuGPT/DiffuLLaMA suite
 (LAMBADA, HellaSwag, Winogrande, PIQA, SIQA, ROCStories, TriviaQA, GSM8K), from local files.
 
-    python eval_zeroshot.py --model_name out/adapt/final --tasks lambada --data_path ../shared/data/lambada_test.txt
-    python eval_zeroshot.py --model_name out/adapt/final --tasks lambada --data_path ../shared/data/lambada_test.txt --ar
-    python eval_zeroshot.py --model_name out/adapt/final --tasks lambada,gsm8k --data_dir ../shared/data --limit 100
+    python eval_zeroshot.py --model_name out/adapt --tasks lambada --data_path ../shared/data/lambada_test.txt
+    python eval_zeroshot.py --model_name out/adapt --tasks lambada --data_path ../shared/data/lambada_test.txt --ar
+    python eval_zeroshot.py --model_name out/adapt --tasks lambada,gsm8k --data_dir ../shared/data --limit 100
+    python eval_zeroshot.py --model_name out/sft --tasks gsm8k --data_dir ../shared/data --sampler threshold \
+        --block_length 32 --cache dual                                # any sampler and cache for the generative tasks
     python eval_zeroshot.py --model_name M --tasks hellaswag,piqa --data_dir data/ --mc_num 64 --output results.json
     python eval_zeroshot.py --model_name M --lm_eval_tasks my_task --lm_eval_include tasks/     # through lm-eval
+
+--model_name takes what sample.py takes: a run folder (its `final` checkpoint, else the newest), a model
+folder, a hub id or `smollm2-135m`.
 
 --ar scores the same examples with the AR model the checkpoint was adapted from (recorded in its
 config as `adapted_from`, or in the run's args.json), or with --model_name itself when that is a
 causal LM: exact log-likelihoods and greedy decoding, the paper's AR row.
 From Python, the lm-eval model "dlm" is registered on import:
     import eval_zeroshot, lm_eval
-    lm_eval.simple_evaluate(model="dlm", model_args="model_name=out/adapt/final,mc_num=64", tasks=[...])
+    lm_eval.simple_evaluate(model="dlm", model_args="model_name=out/adapt,mc_num=64,sampler=threshold", tasks=[...])
 """
-import argparse
 import json
 import math
 import os
@@ -24,17 +28,22 @@ import sys
 import time
 import zlib
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention_patch import resolve_attn_implementation
-from common import DataError, check_output_file, field, first_line, gsm8k_number, normalize_answer, read_records
-from model import (DTYPES, ELBO_METHODS, SAMPLERS, DiscreteDiffusionModel, check_sampler_args,
+from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, normalize_answer,
+                    read_records)
+from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, cpu_thread_hint,
                    cut_at_eos, default_device, default_dtype, elbo_loglik, layout_rows, load_tokenizer, max_positions,
                    pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
+PROG = "eval_zeroshot.py"
+# the evaluation's sampler: greedy low_confidence, one token per step (the flags' defaults here, and the Scorer's)
+EVAL_SAMPLER = dict(sampler="low_confidence", diffusion_steps=None)
 TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "rocstories", "triviaqa", "gsm8k")
 # --data_dir DIR reads DIR/<name>.<ext>, the first name and extension found
 DATA_FILES = {t: [t] for t in TASKS} | {"lambada": ["lambada", "lambada_test"], "gsm8k": ["gsm8k", "gsm8k_test"]}
@@ -233,18 +242,15 @@ class Scorer:
     """Scores (context, continuation) pairs and generates spans, with a diffusion LM or a causal LM (ar=True),
     from identical token ids. Every ELBO row draws its noise from a generator seeded by --seed and the
     row's tokens, so a score does not depend on the batch or the order it came in; so does every row the
-    samplers fill."""
+    samplers fill. `settings`: the sampler (a SamplerSettings; default EVAL_SAMPLER)."""
 
     def __init__(self, model_name, ar=False, mc_num=64, method="stratified", batch_size=32, seed=0, dtype=None,
-                 device=None, sampler="low_confidence", diffusion_steps=None, block_length=None, temperature=0.0,
-                 logits_temp=0.95, topp_temp=0.9, threshold=0.9, factor=None, mask_token_id=None, base_model_name=None, adapter_path=None,
+                 device=None, settings=None, mask_token_id=None, base_model_name=None, adapter_path=None,
                  attn_implementation="sdpa"):
         self.device = device or default_device()
         dtype = dtype or default_dtype(self.device)
         self.ar, self.mc_num, self.method, self.batch_size, self.seed = ar, mc_num, method, batch_size, seed
-        self.sampler, self.diffusion_steps, self.block_length = sampler, diffusion_steps, block_length
-        self.temperature, self.logits_temp, self.topp_temp = temperature, logits_temp, topp_temp
-        self.threshold, self.factor = threshold, factor
+        self.settings = settings or SamplerSettings(**EVAL_SAMPLER)
         if ar:
             from transformers import AutoConfig, AutoModelForCausalLM
             if adapter_path:
@@ -342,11 +348,8 @@ class Scorer:
         and the number it fills, so a sampled row does not depend on the batch. Returns the filled ids."""
         src = ~gen_mask & att.bool()
         batch = {"input_ids": ids.masked_fill(gen_mask, self.model.mask_token_id), "src_mask": src, "attention_mask": att}
-        n = int(gen_mask.sum(1).max())
-        steps = self.diffusion_steps or n
         gens = [self.generator(r[s].tolist(), int(m.sum()), self.device) for r, s, m in zip(ids, src, gen_mask)]
-        return sample(self.model, batch, self.sampler, steps, self.logits_temp, self.topp_temp,
-                      self.block_length, self.temperature, self.threshold, self.factor, generator=gens)
+        return sample(self.model, batch, self.settings, generator=gens)
 
     @torch.no_grad()
     def generate(self, rows, stop_at_eos=False, progress=None):
@@ -479,14 +482,17 @@ def _register_lm_eval():
         """lm-eval model for our diffusion LMs (and, with ar=True, the same scoring by a causal LM):
         loglikelihood = the ELBO estimate (is_greedy from the greedy sampler), loglikelihood_rolling = the
         ELBO of the whole text, generate_until = the sampler, cut at the first stop string.
-        model_args: every Scorer keyword (model_name, ar, mc_num, method, seed, sampler, ...), plus
-        max_gen_toks (default 256) and check_greedy (default True)."""
+        model_args: every Scorer keyword (model_name, ar, mc_num, method, seed, ...), every sampler setting
+        (sampler, diffusion_steps, block_length, cache, ...: the flags of add_sampler_args, default
+        EVAL_SAMPLER), plus max_gen_toks (default 256) and check_greedy (default True)."""
 
         def __init__(self, model_name="smollm2-135m", max_gen_toks=256, check_greedy=True, batch_size=32, **kw):
             super().__init__()
-            ints = ("mc_num", "seed", "diffusion_steps", "block_length", "mask_token_id")
-            floats = ("temperature", "logits_temp", "topp_temp", "threshold", "factor")
-            kw = {k: int(v) if k in ints else float(v) if k in floats else v for k, v in kw.items()}
+            sampler = {f: kw.pop(f) for f in SamplerSettings.__dataclass_fields__ if f in kw}
+            if sampler:
+                kw["settings"] = SamplerSettings.from_args(SimpleNamespace(**{**EVAL_SAMPLER, **sampler}))
+            ints = ("mc_num", "seed", "mask_token_id")
+            kw = {k: int(v) if k in ints else v for k, v in kw.items()}
             if isinstance(kw.get("ar"), str):
                 kw["ar"] = kw["ar"].lower() in ("1", "true", "yes")
             kw = {k: v for k, v in kw.items() if k not in ("max_batch_size",)}
@@ -568,42 +574,38 @@ def run_lm_eval(scorer, tasks, include=None, limit=None, max_gen_toks=256):
 # command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="eval_zeroshot.py", description=__doc__.split("\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__.strip())
     a = p.add_argument
-    a("--model_name", default="smollm2-135m", help="model folder, hub id, or smollm2-135m")
+    a("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
     a("--tasks", default=None, help=f"comma-separated, from: {', '.join(TASKS)}")
     a("--ar", action="store_true", help="score with the AR parent (or --model_name itself if it is a causal LM)")
     a("--data_path", default=None, help="the data file of the one task in --tasks")
     a("--data_dir", default=None, help="folder with one file per task: <task>.jsonl/.json/.csv/.txt")
     a("--download", action="store_true", help="without a local file, load the task's public copy (needs datasets + network)")
-    a("--limit", type=int, default=None, help="first N examples of each task")
-    a("--batch_size", type=int, default=32, help="sequences per forward")
-    a("--mc_num", type=int, default=64, help="ELBO draws per scored continuation")
-    a("--elbo_method", default="stratified", choices=ELBO_METHODS)
-    a("--seed", type=int, default=0)
-    a("--sampler", default="low_confidence", help=f"generative tasks: one of {', '.join(SAMPLERS)}")
-    a("--diffusion_steps", type=int, default=None, help="default: one token per step")
-    a("--block_length", type=int, default=None,
-      help="low_confidence/random/threshold: semi-AR block length (default: the span); block: default the model's block_size")
-    a("--temperature", type=float, default=0.0, help="low_confidence/random: Gumbel temperature (0 = greedy)")
-    a("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
-    a("--topp_temp", type=float, default=0.9, help="diffullama: top-p")
-    a("--threshold", type=float, default=0.9, help="threshold: commit every position this confident")
-    a("--factor", type=float, default=None, help="threshold: the factor rule instead")
-    a("--gen_len", type=int, default=None, help="rocstories/triviaqa/gsm8k: tokens to generate (default: the reference's length)")
+    a("--limit", type=at_least(1), default=None, help="first N examples of each task (unset: all)")
+    a("--batch_size", type=at_least(1), default=32, help="sequences per forward")
+    a("--mc_num", type=at_least(1), default=64, help="ELBO draws per scored continuation")
+    a("--elbo_method", default="stratified", choices=ELBO_METHODS, help="how the ELBO draws are spread (see model.elbo_draws)")
+    a("--seed", type=at_least(0), default=0, help="seed of the ELBO draws and the samplers")
+    a("--gen_len", type=at_least(1), default=None, help="rocstories/triviaqa/gsm8k: tokens to generate (unset: the reference's length)")
     a("--infill_sentence", type=int, default=4, help="rocstories: which of the 5 sentences to infill (1-5)")
     a("--lm_eval_tasks", default=None, help="run these lm-eval tasks through the harness instead")
     a("--lm_eval_include", default=None, help="folder of lm-eval task YAMLs")
-    a("--mask_token_id", type=int, default=None)
+    a("--mask_token_id", type=at_least(0), default=None, help="reuse this token id as [MASK] if the model has none")
     a("--base_model_name", default=None, help="config source for a DiffuGPT checkpoint without config.json")
     a("--adapter_path", default=None, help="PEFT LoRA adapter folder, merged into the model")
     a("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     a("--device", default=None, help="default cuda if available, else cpu")
-    a("--attn_implementation", default="sdpa")
+    a("--attn_implementation", default="sdpa", help="eager, sdpa or flash_attention_2")
     a("--output", default=None, help="write settings, metrics and per-example records to this JSON file")
-    a("--no_progress", action="store_true")
+    a("--no_progress", action="store_true", help="no progress bars")
+    # the generative tasks' sampler; each task decides where to stop (EOS but for lambada)
+    add_sampler_args(p, omit=("stop_at_eos",), **EVAL_SAMPLER)
     args = p.parse_args(argv)
+    try:
+        args.settings = SamplerSettings.from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     if not args.tasks and not args.lm_eval_tasks:
         p.error("give --tasks (and data files) or --lm_eval_tasks")
     args.task_list = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
@@ -616,19 +618,10 @@ def parse_args(argv=None):
         p.error(f"--data_path {args.data_path}: no such file")
     if args.data_dir and not os.path.isdir(args.data_dir):
         p.error(f"--data_dir {args.data_dir}: no such folder")
-    for flag in ("limit", "batch_size", "mc_num", "gen_len"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            p.error(f"--{flag} must be >= 1, got {v}")
-    for flag in ("mask_token_id", "seed"):
-        v = getattr(args, flag)
-        if v is not None and v < 0:
-            p.error(f"--{flag} must be >= 0, got {v}")
     if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
         p.error(f"--lm_eval_include {args.lm_eval_include}: no such folder")
     if not 1 <= args.infill_sentence <= 5:
         p.error(f"--infill_sentence must be in 1..5, got {args.infill_sentence}")
-    check_sampler_args(args, p.error)
     if args.output:
         check_output_file(args.output, p.error)
     if args.output and os.path.exists(args.output) and not is_results_file(args.output):
@@ -656,16 +649,14 @@ def print_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    cpu_thread_hint(PROG, args.device or default_device())
     try:
         examples = {t: read_task(t, args) for t in args.task_list}    # every data file checked before the model loads
         scorer = Scorer(args.model_name, ar=args.ar, mc_num=args.mc_num, method=args.elbo_method, batch_size=args.batch_size,
-                        seed=args.seed, dtype=args.dtype, device=args.device, sampler=args.sampler,
-                        diffusion_steps=args.diffusion_steps, block_length=args.block_length, temperature=args.temperature,
-                        logits_temp=args.logits_temp, topp_temp=args.topp_temp, threshold=args.threshold,
-                        factor=args.factor, mask_token_id=args.mask_token_id,
-                        base_model_name=args.base_model_name, adapter_path=args.adapter_path,
-                        attn_implementation=args.attn_implementation)
-        settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list")}
+                        seed=args.seed, dtype=args.dtype, device=args.device, settings=args.settings,
+                        mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,
+                        adapter_path=args.adapter_path, attn_implementation=args.attn_implementation)
+        settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list", "settings")}
         settings.update(scored_model=scorer.model_name, mode="ar" if args.ar else "diffusion")
         results = {"settings": settings, "metrics": {}, "examples": {}}
         table = []

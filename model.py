@@ -1,10 +1,10 @@
 """
 The shared core: a diffusion LM adapted from a causal LM, its objective and its samplers.
 
-    from model import DiscreteDiffusionModel, build_inputs, generate_samples, generate_llada
-    model = DiscreteDiffusionModel.from_pretrained("smollm2-135m")      # or a folder / hub id
+    from model import DiscreteDiffusionModel, SamplerSettings, build_inputs, sample
+    model = DiscreteDiffusionModel.from_pretrained("smollm2-135m")      # or a folder, a run folder, a hub id
     batch = build_inputs(model.tokenizer, ["The king said"], gen_len=32)
-    out = generate_samples(model, **batch, diffusion_steps=64)
+    out = sample(model, batch, SamplerSettings("threshold", diffusion_steps=32, block_length=8))
     model.save_pretrained("out/")   # a plain HF folder; AutoModelForCausalLM.from_pretrained loads it too
 
 Conventions (DiffuGPT / DiffuLLaMA):
@@ -16,17 +16,24 @@ Conventions (DiffuGPT / DiffuLLaMA):
 - the loss is cross-entropy on masked positions, weighted by 1/t, normalised by the number of
   masked tokens, with t ~ U(1e-3, 1) per sequence.
 """
+import functools
+import inspect
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
+from argparse import ArgumentTypeError
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import check_model_folder, first_line
+from common import at_least, check_model_folder, first_line, one_of, real
 from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, group_rank_size, make_bidirectional,
                              resolve_attn_implementation)
 
@@ -35,42 +42,6 @@ EMBEDDED_MODEL = "smollm2-135m"
 SAMPLING_EPS = 1e-3
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-# -----------------------------------------------------------------------------
-# command-line helpers shared by the scripts
-
-def cache_conflict(sampler, cache):
-    """Why --cache cannot go with this sampler, or None."""
-    if cache == "none":
-        return None
-    if sampler == "diffullama":
-        return "--cache works with the block samplers (low_confidence, random, threshold), not diffullama"
-    if sampler == "block":
-        return "--cache: the block sampler always caches the finished blocks (exactly): leave --cache none"
-    return None
-
-
-def check_sampler_args(args, error):
-    """The sampler flags sample.py and eval_zeroshot.py share, checked before any model loads."""
-    if args.sampler not in SAMPLERS:
-        error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
-    conflict = cache_conflict(args.sampler, getattr(args, "cache", "none"))
-    if conflict:
-        error(conflict)
-    for flag in ("diffusion_steps", "block_length"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            error(f"--{flag} must be >= 1, got {v}")
-    for flag in ("threshold", "topp_temp"):
-        if not 0 < getattr(args, flag) <= 1:
-            error(f"--{flag} must be in (0, 1], got {getattr(args, flag)}")
-    if not (math.isfinite(args.logits_temp) and args.logits_temp > 0):
-        error(f"--logits_temp must be > 0 and finite, got {args.logits_temp}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        error(f"--temperature must be >= 0 and finite, got {args.temperature}")
-    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 0):
-        error(f"--factor must be > 0 and finite, got {args.factor}")
 
 
 # -----------------------------------------------------------------------------
@@ -119,21 +90,67 @@ def embedded_model_path():
     return out
 
 
-def resolve_model_path(name):
-    """Map --model_name to something from_pretrained takes: the embedded name, a local folder, or a hub id.
-    A local folder is checked first (check_model_folder)."""
+def resolve_model_path(name, flag="--model_name"):
+    """Map --model_name to something from_pretrained takes: the embedded name, a local folder (a run folder
+    stands for its checkpoint, see run_checkpoint), or a hub id (`gpt2`, `org/name`). A local folder is
+    checked first (check_model_folder); a name that looks like a path (starts with . / ~, has more than one
+    /, or its first component is a folder here) and is not a folder is an error naming it."""
     if name == EMBEDDED_MODEL:
         path = embedded_model_path()
         check_model_folder(path)
         return path
     if os.path.isdir(name):
+        name = run_checkpoint(name, flag)
         check_model_folder(name)
-        if not os.path.exists(os.path.join(name, "config.json")) and not _diffugpt_file(name):
-            raise FileNotFoundError(f"--model_name {name}: folder has no config.json (not a model folder)")
+        if not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", ADAPTER_CONFIG)) and not _diffugpt_file(name):
+            raise FileNotFoundError(f"{flag} {name}: folder has no config.json (not a model folder)")
         return name
-    if name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.isdir(name.split("/")[0]):
-        raise FileNotFoundError(f"--model_name {name}: no such model folder")
-    return name  # a hub id (owner/name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0])):
+        raise FileNotFoundError(f"{flag} {name}: no such model folder")
+    return name  # a hub id: transformers fetches it (or says why not)
+
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+_said = set()
+
+
+def run_checkpoint(path, flag="--model_name"):
+    """The checkpoint a run folder (a train_adapt.py / train_sft.py --out_dir: final/, step_*/ or `latest`,
+    and no config.json of its own) stands for: `final` (a folder, or a symlink in older runs), else the
+    checkpoint `latest` names, else the newest step_* folder, the first one whose model files are whole.
+    Says which on one stderr line. Any other folder is returned as it is."""
+    if any(os.path.exists(os.path.join(path, f)) for f in ("config.json", ADAPTER_CONFIG)):
+        return path
+    names = os.listdir(path)
+    steps = sorted((n for n in names if STEP_RE.match(n)), key=lambda n: -int(STEP_RE.match(n).group(1)))
+    if not steps and "final" not in names and "latest" not in names:
+        return path
+    latest = []
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            latest = [f.read().strip()]
+    for name in ["final"] + latest + steps:
+        ckpt = os.path.join(path, name)
+        if not any(os.path.isfile(os.path.join(ckpt, f)) for f in ("config.json", ADAPTER_CONFIG)):
+            continue
+        try:
+            check_model_folder(ckpt)
+        except (OSError, ValueError):
+            continue
+        if ckpt not in _said:
+            _said.add(ckpt)
+            print(f"{flag} {path} is a run folder: loading its checkpoint {ckpt}", file=sys.stderr, flush=True)
+        return ckpt
+    raise FileNotFoundError(f"{flag} {path}: a run folder with no whole checkpoint (final, latest, step_*)")
+
+
+def run_base_model(ckpt):
+    """The --model_name a run was started from (its args.json beside the checkpoint), or None."""
+    args = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "args.json")
+    if not os.path.isfile(args):
+        return None
+    with open(args) as f:
+        return json.load(f).get("model_name")
 
 
 def load_tokenizer(path):
@@ -233,13 +250,14 @@ def positions_from_mask(attention_mask):
 
 
 ADAPTER_EXTRA = "dlm_config.json"   # beside a train_sft.py adapter: the settings it was trained with
+ADAPTER_CONFIG = "adapter_config.json"   # a PEFT LoRA adapter folder
 
 
 def merge_adapter(hf, adapter_path, shift=None):
     """Merge a PEFT LoRA adapter folder into the transformers model (its modules_to_save, e.g. embed_tokens,
     replace the model's). An adapter saved by train_sft.py also carries dlm_config.json (shift, block_size),
     which is applied unless `shift` is given. Returns (merged model, shift)."""
-    if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
+    if not os.path.exists(os.path.join(adapter_path, ADAPTER_CONFIG)):
         raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
     check_model_folder(adapter_path)
     from peft import PeftModel
@@ -264,6 +282,8 @@ class DiscreteDiffusionModel(nn.Module):
 
     def __init__(self, model, mask_token_id, shift=True, tokenizer=None):
         super().__init__()
+        # trained as a diffusion LM (saved by save_pretrained, is_causal false); a causal LM is still to adapt
+        self.adapted = getattr(model.config, "is_causal", True) is False
         self.model = make_bidirectional(model)
         self.config = model.config
         self.mask_token_id = int(mask_token_id)
@@ -284,12 +304,21 @@ class DiscreteDiffusionModel(nn.Module):
     def from_pretrained(cls, name_or_path, tokenizer=None, mask_token_id=None, shift=None, base_model_name=None,
                         adapter_path=None, dtype=torch.float32, attn_implementation="sdpa", device="cpu"):
         """Load a diffusion LM saved by us, a released DiffuGPT/DiffuLLaMA checkpoint, or any causal LM
-        (which becomes a diffusion LM to adapt); optionally merge a PEFT LoRA adapter on top.
-        A tokenizer passed in is used (and kept as model.tokenizer): a new mask token is added to it."""
+        (which becomes a diffusion LM to adapt: model.adapted is False); optionally merge a PEFT LoRA adapter
+        on top. A run folder loads its checkpoint (run_checkpoint); one that holds a LoRA adapter alone is
+        merged into the model its run started from (args.json). A tokenizer passed in is used (and kept as
+        model.tokenizer): a new mask token is added to it."""
         from transformers import AutoModelForCausalLM
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
         path = resolve_model_path(name_or_path)
+        if adapter_path is None and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
+                and os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+            base = run_base_model(path)
+            if base is None:
+                raise FileNotFoundError(f"--model_name {path} holds a LoRA adapter alone: give the model it was "
+                                        f"trained on as --model_name and this folder as --adapter_path")
+            name_or_path, adapter_path, path = base, path, resolve_model_path(base)
         attn_implementation = resolve_attn_implementation(attn_implementation, device)
         if os.path.isdir(path) and _diffugpt_file(path):
             hf = load_diffugpt(path, base_model_name, dtype, attn_implementation)
@@ -298,7 +327,7 @@ class DiscreteDiffusionModel(nn.Module):
                 hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
             except OSError as e:
                 raise FileNotFoundError(f"--model_name {name_or_path}: not a local folder, and the hub did not "
-                                        f"provide it: {first_line(e)}") from e
+                                        f"provide it: {first_line(e)}") from None
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
             if tokenizer is None and base_model_name:
@@ -317,7 +346,9 @@ class DiscreteDiffusionModel(nn.Module):
             hf, shift = merge_adapter(hf, adapter_path, shift)
         if shift is None:
             shift = getattr(hf.config, "shift", True)
-        return cls(hf, mask_token_id, shift, tokenizer).to(device)
+        model = cls(hf, mask_token_id, shift, tokenizer).to(device)
+        model.adapted |= adapter_path is not None or (os.path.isdir(path) and bool(_diffugpt_file(path)))
+        return model
 
     def save_pretrained(self, path, state_dict=None):
         """A plain HF folder: safetensors weights, config (is_causal=False, mask_token_id, shift), tokenizer.
@@ -349,7 +380,7 @@ class DiscreteDiffusionModel(nn.Module):
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_mask(attention_mask)
         extra = {}
-        if self.config._attn_implementation == RING:   # the kernel builds its blocks of the mask itself
+        if self.config._attn_implementation == RING:   # the kernel builds its tiles of the mask itself
             extra["sp_group"] = sp_group
             if attn_mask_ratio < 1.0:
                 seed = draw_mask_seed(generator, input_ids.device) if attn_mask_ratio > 0 else 0   # as anneal_attention_mask
@@ -743,6 +774,19 @@ def _head(model, hidden, positions, offset=0):
     return logits
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(decoder_class):
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def cached_forward(model, cache, **kw):
+    """The decoder's forward (bidirectional) over a KV cache the caller keeps: it reads the keys/values in
+    `cache` (a transformers Cache, DynamicCache() to start) and appends those of the columns it runs."""
+    dec = model.model.get_decoder()
+    return dec(**kw, **{_cache_keyword(type(dec)): cache}, use_cache=True, is_causal=False)
+
+
 def refresh_cache(model, x, att, block, mode, positions):
     """Start a cached block (Fast-dLLM's approximate KV cache for diffusion): one full forward gives the exact
     logits of `positions` and the keys/values of every column outside the window that the block's next
@@ -754,10 +798,10 @@ def refresh_cache(model, x, att, block, mode, positions):
     cols = block.any(0).nonzero().squeeze(1)
     ws, we = int(cols[0]) - int(model.shift), (int(cols[-1]) + 1 if mode == "dual" else L)
     pos = sequence_positions(x, att)
-    out = model.model.get_decoder()(input_ids=x, attention_mask=att, position_ids=pos, use_cache=True, is_causal=False)
+    full = DynamicCache()
+    out = cached_forward(model, full, input_ids=x, attention_mask=att, position_ids=pos)
     keep = torch.cat([torch.arange(ws, device=x.device), torch.arange(we, L, device=x.device)])
-    cache = DynamicCache(ddp_cache_data=[(layer.keys[:, :, keep], layer.values[:, :, keep])
-                                         for layer in out.past_key_values.layers])
+    cache = DynamicCache(ddp_cache_data=[(layer.keys[:, :, keep], layer.values[:, :, keep]) for layer in full.layers])
     att2 = None if att is None else torch.cat([att[:, keep], att[:, ws:we]], dim=1)
     return _head(model, out.last_hidden_state, positions), {"ws": ws, "we": we, "cache": cache, "pos": pos, "att": att2}
 
@@ -766,8 +810,8 @@ def cached_step_logits(model, x, positions, state):
     """Logits of `positions` recomputing only the window of the current block; the other columns' keys
     and values come from the last refresh (stale once the block has changed: the approximation)."""
     ws, we = state["ws"], state["we"]
-    out = model.model.get_decoder()(input_ids=x[:, ws:we], attention_mask=state["att"], position_ids=state["pos"][:, ws:we],
-                                    past_key_values=state["cache"], use_cache=True, is_causal=False)
+    out = cached_forward(model, state["cache"], input_ids=x[:, ws:we], attention_mask=state["att"],
+                         position_ids=state["pos"][:, ws:we])
     state["cache"].crop(-(we - ws))                          # drop the window's keys again: the cache stays as refreshed
     return _head(model, out.last_hidden_state, positions, ws)
 
@@ -834,8 +878,8 @@ def row_multinomial(probs, generator, counts):
 
 
 @torch.no_grad()
-def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
-                     topp_temp=0.9, stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
+def generate_diffullama(model, input_ids, src_mask=None, attention_mask=None, diffusion_steps=64, logits_temp=0.95,
+                        topp_temp=0.9, stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """The DiffuLLaMA sampler: start all-[MASK] except src_mask; at step t = T..1 each still-masked
     position is revealed with probability 1/t (so everything is revealed at t = 1), its token sampled
     from top-p filtered softmax(logits / logits_temp). Which positions are revealed is drawn first, so
@@ -843,8 +887,6 @@ def generate_samples(model, input_ids, src_mask=None, attention_mask=None, diffu
     forward (the state would not change): the same distribution as sampling every masked position and
     keeping each sample with probability 1/t. With stop_at_eos a finished row (see stop_rows_at_eos) is
     filled with EOS and leaves the forward. callback(step, x) sees each state."""
-    if diffusion_steps < 1:
-        raise ValueError(f"--diffusion_steps must be >= 1, got {diffusion_steps}")
     x, still, att = _prepare(model, input_ids, src_mask, attention_mask)
     todo, eos = still.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     generator = per_row(generator, x.shape[0])
@@ -955,10 +997,6 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     block with nothing left in any row is skipped."""
     if remasking not in ("low_confidence", "random", "threshold"):
         raise ValueError(f"remasking must be 'low_confidence', 'random' or 'threshold', got {remasking!r}")
-    if block_length < 1 or steps < 1:
-        raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
-    if cache not in CACHE_MODES:
-        raise ValueError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
     generator = per_row(generator, x.shape[0])
     rank = todo.long().cumsum(1) - 1                       # order of each generated position in its row
@@ -1046,8 +1084,6 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     from transformers import DynamicCache
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"the block sampler's remasking must be 'low_confidence' or 'random', got {remasking!r}")
-    if block_length < 1 or steps < 1:
-        raise ValueError(f"--block_length and --diffusion_steps must be >= 1, got {block_length} and {steps}")
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
     generator = per_row(generator, x.shape[0])
     x, todo = _to_left(x, att), _to_left(todo, att)
@@ -1059,14 +1095,13 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         return input_ids.to(x.device).clone()
     per_block = math.ceil(steps / math.ceil(int(todo.sum(1).max()) / block_length))   # the same for every row
     pos = torch.arange(L, device=x.device).expand(B, L)
-    dec, cache, cached = model.model.get_decoder(), DynamicCache(), 0
+    cache, cached = DynamicCache(), 0
     pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
 
     def run(a, b, keep):
         """Hidden states of columns [a, b) over the cache; the cache keeps their keys/values if `keep`."""
         am = None if att_r is None else torch.cat([att_r[:, :cached], att_r[:, a:b]], dim=1)
-        h = dec(input_ids=x[:, a:b], attention_mask=am, position_ids=pos[:, a:b], past_key_values=cache,
-                use_cache=True, is_causal=False).last_hidden_state
+        h = cached_forward(model, cache, input_ids=x[:, a:b], attention_mask=am, position_ids=pos[:, a:b]).last_hidden_state
         if not keep:
             cache.crop(-(b - a))                                     # the window's keys go again
         return h
@@ -1103,29 +1138,133 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     return unmask(x)
 
 
+# -----------------------------------------------------------------------------
+# sampler settings: the flags defined once (sample.py, eval_zeroshot.py, train_sft.py's evaluation, the
+# benchmarks), one object passed whole to sample(), the rules between flags in one function
+
 SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block")
 
+SAMPLER_FLAGS = {   # field: (argparse type, also applied to values given from Python; --help)
+    "sampler": (one_of(SAMPLERS), "diffullama: DiffuLLaMA's (each masked position revealed with probability 1/t); "
+                "low_confidence / random: LLaDA's semi-AR blocks, committing the most confident / random positions; "
+                "threshold: Fast-dLLM's parallel decoding; block: block-diffusion models"),
+    "diffusion_steps": (at_least(1), "denoising steps (unset: one per generated token)"),
+    "logits_temp": (real(0.0, strict=True), "diffullama: softmax temperature"),
+    "topp_temp": (real(0.0, strict=True, at_most=1.0), "diffullama: top-p (1 = off)"),
+    "block_length": (at_least(1), "low_confidence/random/threshold: semi-AR block length (unset: the whole "
+                     "span); block: its block length (unset: the model's block_size)"),
+    "temperature": (real(0.0), "low_confidence/random/threshold/block: Gumbel temperature (0 = greedy)"),
+    "threshold": (real(0.0, strict=True, at_most=1.0), "threshold: commit every position at least this confident"),
+    "factor": (real(0.0, strict=True), "threshold: commit by the factor rule (n + 1)(1 - c_n) < factor instead of --threshold"),
+    "cache": (one_of(CACHE_MODES), "low_confidence/random/threshold: Fast-dLLM's approximate KV cache of what "
+              "comes before the block (prefix) or before and after it (dual); block caches exactly by itself"),
+    "stop_at_eos": (None, "a row that has written EOS (and every token before it) stops there"),
+}
 
-def sample(model, batch, sampler="diffullama", diffusion_steps=64, logits_temp=0.95, topp_temp=0.9, block_length=None,
-           temperature=0.0, threshold=0.9, factor=None, cache="none", stop_at_eos=False, generator=None, callback=None):
-    """Run one of SAMPLERS on a batch from build_inputs (the dispatch sample.py and the eval scripts share).
-    `generator` is one torch.Generator for the batch, or a list with one per row: then each row draws
-    from its own stream and gets exactly what it would get alone (left padding included)."""
-    conflict = cache_conflict(sampler, cache)
-    if conflict:
-        raise ValueError(conflict)
-    if sampler == "diffullama":
-        return generate_samples(model, **batch, diffusion_steps=diffusion_steps, logits_temp=logits_temp,
-                                topp_temp=topp_temp, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
-    if sampler in ("low_confidence", "random", "threshold"):
-        block_length = block_length or batch["input_ids"].shape[1]
-        return generate_llada(model, **batch, steps=diffusion_steps, block_length=block_length,
-                              temperature=temperature, remasking=sampler, threshold=threshold, factor=factor,
-                              cache=cache, stop_at_eos=stop_at_eos, generator=generator, callback=callback)
-    if sampler == "block":
-        block_length = block_length or getattr(model.config, "block_size", None)
-        if block_length is None:
-            raise ValueError("--sampler block needs --block_length (the model's config has no block_size)")
-        return generate_block(model, **batch, steps=diffusion_steps, block_length=block_length, temperature=temperature,
-                              stop_at_eos=stop_at_eos, generator=generator, callback=callback)
-    raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Which sampler and how: the sampler flags (see SAMPLER_FLAGS and add_sampler_args), each value checked
+    by its flag's type when the object is made (ValueError naming the flag). None: see the flag's help."""
+    sampler: str = "diffullama"
+    diffusion_steps: Optional[int] = 64
+    logits_temp: float = 0.95
+    topp_temp: float = 0.9
+    block_length: Optional[int] = None
+    temperature: float = 0.0
+    threshold: float = 0.9
+    factor: Optional[float] = None
+    cache: str = "none"
+    stop_at_eos: bool = False
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "stop_at_eos":
+                if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+                    v = v.lower() in ("true", "1", "yes")
+                if not isinstance(v, bool):
+                    raise ValueError(f"--stop_at_eos must be true or false, got {v!r}")
+            elif v is not None or f.name not in ("diffusion_steps", "block_length", "factor"):   # None: see help
+                try:
+                    v = SAMPLER_FLAGS[f.name][0](v)
+                except ArgumentTypeError as e:
+                    raise ValueError(f"--{f.name} {e}") from None
+            object.__setattr__(self, f.name, v)     # "4" from lm-eval's model_args becomes 4
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of parsed flags (those the parser has; the rest keep their defaults), checked against
+        each other before any model loads (check_sampler_settings): ValueError, one line, naming the flags."""
+        s = cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        check_sampler_settings(s)
+        return s
+
+
+def add_sampler_args(parser, omit=(), **defaults):
+    """Add the sampler flags (one per SamplerSettings field, but those in `omit`) to an argparse parser, as an
+    argument group; `defaults` overrides SamplerSettings' defaults (e.g. sampler="low_confidence",
+    diffusion_steps=None). Read them back with SamplerSettings.from_args(args)."""
+    base = SamplerSettings(**defaults)
+    group = parser.add_argument_group("sampler")
+    for f in fields(SamplerSettings):
+        kind, help = SAMPLER_FLAGS[f.name]
+        if f.name in omit:
+            continue
+        if f.name == "stop_at_eos":
+            group.add_argument("--stop_at_eos", action="store_true", default=base.stop_at_eos, help=help)
+        else:
+            names = {"sampler": SAMPLERS, "cache": CACHE_MODES}.get(f.name)
+            group.add_argument(f"--{f.name}", type=kind, choices=names, default=getattr(base, f.name), help=help)
+    return group
+
+
+def check_sampler_settings(s, config=None):
+    """The rules between sampler flags, each once: raises ValueError (one line naming the flags). The scripts
+    call it before the model loads (SamplerSettings.from_args); sample() calls it again with the model's
+    config, for what depends on the model (a block_size for --sampler block)."""
+    if s.cache != "none" and s.sampler == "diffullama":
+        raise ValueError("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
+    if s.cache != "none" and s.sampler == "block":
+        raise ValueError("--cache: the block sampler always caches the finished blocks (exactly): leave --cache none")
+    if s.factor is not None and s.sampler != "threshold":
+        raise ValueError(f"--factor is a rule of --sampler threshold (it replaces --threshold), not of {s.sampler}")
+    if s.sampler == "block" and s.block_length is None and config is not None and not getattr(config, "block_size", None):
+        raise ValueError("--sampler block needs --block_length (the model's config has no block_size)")
+
+
+def sample(model, batch, settings, generator=None, callback=None):
+    """Run the sampler of `settings` (a SamplerSettings) on a batch from build_inputs / layout_rows: the
+    dispatch sample.py, the evaluation and the benchmarks share. `generator` is one torch.Generator for the
+    batch, or a list with one per row: then each row draws from its own stream and gets exactly what it
+    would get alone (left padding included). callback(step, x) sees each state."""
+    s = settings
+    check_sampler_settings(s, model.config)
+    todo = maskable_positions(batch["input_ids"], batch.get("src_mask"), batch.get("attention_mask"), shift=False)
+    steps = s.diffusion_steps or max(1, int(todo.sum(1).max()))
+    if s.sampler == "diffullama":
+        return generate_diffullama(model, **batch, diffusion_steps=steps, logits_temp=s.logits_temp,
+                                   topp_temp=s.topp_temp, stop_at_eos=s.stop_at_eos, generator=generator,
+                                   callback=callback)
+    if s.sampler == "block":
+        return generate_block(model, **batch, steps=steps, block_length=s.block_length or model.config.block_size,
+                              temperature=s.temperature, stop_at_eos=s.stop_at_eos, generator=generator,
+                              callback=callback)
+    return generate_llada(model, **batch, steps=steps, block_length=s.block_length or batch["input_ids"].shape[1],
+                          temperature=s.temperature, remasking=s.sampler, threshold=s.threshold, factor=s.factor,
+                          cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator, callback=callback)
+
+
+def cpu_thread_hint(prog, device="cpu"):
+    """On a busy CPU (the 1-minute load clearly above the cores left for torch's threads) one line on stderr
+    says that fewer threads may be much faster: with default threads a shared 2-core machine ran a sampling
+    job 17x slower than with one thread. Returns the line (None: no hint)."""
+    if not str(device).startswith("cpu") or not hasattr(os, "getloadavg"):
+        return None
+    cores, load, threads = os.cpu_count() or 1, os.getloadavg()[0], torch.get_num_threads()
+    if threads < 2 or threads <= max(cores - load, 0) + 1:
+        return None
+    line = (f"{prog}: the CPU is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads: "
+            f"OMP_NUM_THREADS=1 (or torch.set_num_threads(1)) may be much faster")
+    print(line, file=sys.stderr, flush=True)
+    return line

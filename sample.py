@@ -10,60 +10,50 @@ Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
     python sample.py --model_name out/sft --chat --sampler threshold --block_length 32               # interactive
     python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
 
---model_name takes a folder saved by train_adapt.py/train_sft.py, a released DiffuGPT or DiffuLLaMA
-checkpoint (folder or hub id), or `smollm2-135m` (the embedded model: an AR model until adapted).
+--model_name takes a run folder of train_adapt.py/train_sft.py (its `final` checkpoint, else the newest
+one; a LoRA adapter is merged into the model the run started from), a checkpoint folder, a released
+DiffuGPT or DiffuLLaMA checkpoint (folder or hub id), any hub id (`gpt2`, `org/name`), or `smollm2-135m`
+(the embedded model). A causal LM that was never adapted samples word salad (a warning says so):
+adapt it with train_adapt.py first.
 """
-import argparse
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
-from common import check_output_file, first_line
-from model import (CACHE_MODES, DTYPES, SAMPLERS, DiscreteDiffusionModel, build_inputs, check_sampler_args,
+from common import Parser, at_least, check_output_file, first_line
+from model import (DTYPES, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, build_inputs, cpu_thread_hint,
                    default_device, default_dtype, max_positions, sample)
+
+PROG = "sample.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default="smollm2-135m", help="model folder, hub id, or smollm2-135m")
+    p = Parser(prog=PROG, description=__doc__.strip())
+    p.add_argument("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
     p.add_argument("--base_model_name", default=None, help="config source for a DiffuGPT checkpoint without config.json (e.g. gpt2)")
     p.add_argument("--adapter_path", default=None, help="PEFT LoRA adapter folder, merged into the model")
-    p.add_argument("--mask_token_id", type=int, default=None, help="reuse this token id as [MASK] if the model has none")
+    p.add_argument("--mask_token_id", type=at_least(0), default=None, help="reuse this token id as [MASK] if the model has none")
     p.add_argument("--shift", choices=["true", "false"], default=None, help="override the shift convention stored in the config")
     p.add_argument("--prompt", action="append", default=None, help="prefix text; repeat for a batch of prompts")
     p.add_argument("--suffix", default=None, help="fixed text after the generated span (infilling)")
-    p.add_argument("--gen_len", type=int, default=128, help="number of new tokens")
-    p.add_argument("--sampler", default="diffullama", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--diffusion_steps", type=int, default=64)
-    p.add_argument("--logits_temp", type=float, default=0.95, help="diffullama: softmax temperature")
-    p.add_argument("--topp_temp", type=float, default=0.9, help="diffullama: top-p (1.0 = off)")
-    p.add_argument("--block_length", type=int, default=None, help="low_confidence/random/threshold: semi-AR block length (default gen_len); "
-                   "block: default the model's block_size")
-    p.add_argument("--temperature", type=float, default=0.0, help="low_confidence/random/threshold: Gumbel temperature (0 = greedy)")
-    p.add_argument("--threshold", type=float, default=0.9, help="threshold: commit every position this confident (0-1]")
-    p.add_argument("--factor", type=float, default=None, help="threshold: the factor rule instead, (n + 1)(1 - c_n) < factor")
-    p.add_argument("--cache", default="none", choices=CACHE_MODES, help="block samplers: approximate KV cache (prefix or dual)")
-    p.add_argument("--stop_at_eos", action="store_true", help="a row that has written EOS (and all before it) stops there")
+    p.add_argument("--gen_len", type=at_least(1), default=128, help="number of new tokens")
     p.add_argument("--chat", action="store_true", help="interactive: one reply per line typed (the chat template if the tokenizer has one)")
-    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=at_least(1), default=1, help="samples per prompt")
+    p.add_argument("--batch_size", type=at_least(1), default=8, help="prompts per sampler call")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the sampler's random stream")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--attn_implementation", default="sdpa", help="eager, sdpa or flash_attention_2")
     p.add_argument("--verbose", action="store_true", help="show the denoising step by step")
     p.add_argument("--output", default=None, help="append the samples to this JSON-lines file")
+    add_sampler_args(p)
     args = p.parse_args(argv)
-    check_sampler_args(args, p.error)
-    for flag in ("gen_len", "num_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.mask_token_id is not None and args.mask_token_id < 0:
-        p.error(f"--mask_token_id must be >= 0, got {args.mask_token_id}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        args.settings = SamplerSettings.from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     if args.output:
         check_output_file(args.output, p.error)
     args.error = p.error
@@ -74,6 +64,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
+    cpu_thread_hint(PROG, device)
     try:
         model = DiscreteDiffusionModel.from_pretrained(
             args.model_name, mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,
@@ -85,6 +76,9 @@ def main(argv=None):
     tok = model.tokenizer
     if tok is None:
         args.error(f"--model_name {args.model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
+    if not model.adapted:
+        print(f"{PROG}: warning: --model_name {args.model_name} is a causal LM that was never adapted to diffusion: "
+              f"its samples are word salad until train_adapt.py adapts it", file=sys.stderr, flush=True)
     if args.chat:
         return chat(model, args, torch.Generator(device=device).manual_seed(args.seed))
     prompts = [p for p in (args.prompt or [None]) for _ in range(args.num_samples)]
@@ -107,7 +101,7 @@ def main(argv=None):
             text = tok.decode(x[0][att[0].bool()].tolist()).replace(mask_text, "[MASK]")
             print(f"step {step:4d}: {text}", flush=True)
 
-        out = run_sampler(model, batch, args, g, args.stop_at_eos, show if args.verbose else None).cpu()
+        out = sample(model, batch, args.settings, g, show if args.verbose else None).cpu()
         for b, prompt in enumerate(chunk):
             gen = ~batch["src_mask"][b] & att[b].bool()
             results.append({"prompt": prompt, "suffix": args.suffix,
@@ -123,12 +117,6 @@ def main(argv=None):
             for r in results:
                 f.write(json.dumps(r) + "\n")
     return results
-
-
-def run_sampler(model, batch, args, g, stop_at_eos, callback=None):
-    """model.sample with the sampler flags of the command line."""
-    return sample(model, batch, args.sampler, args.diffusion_steps, args.logits_temp, args.topp_temp, args.block_length,
-                  args.temperature, args.threshold, args.factor, args.cache, stop_at_eos, generator=g, callback=callback)
 
 
 def chat(model, args, g, stdin=None):
@@ -152,10 +140,10 @@ def chat(model, args, g, stdin=None):
             batch = build_inputs(tok, [prompt], args.gen_len, mask_token_id=model.mask_token_id,
                                  max_len=max_positions(model.config))
         except ValueError as e:
-            print(f"sample.py: {e}; start again with a shorter message", flush=True)
+            print(f"{PROG}: {e}; start again with a shorter message", flush=True)
             messages = []
             continue
-        out = run_sampler(model, batch, args, g, stop_at_eos=True)
+        out = sample(model, batch, replace(args.settings, stop_at_eos=True), g)
         gen = ~batch["src_mask"][0] & batch["attention_mask"][0].bool()
         reply = tok.decode(out[0].cpu()[gen], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": reply})

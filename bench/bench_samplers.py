@@ -9,6 +9,7 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
     python bench/bench_samplers.py --configs threshold0.5+dual,factor1.0+dual,ar_greedy   # any threshold / factor
     python bench/bench_samplers.py --model_name out/adapt/final --results out/bench.jsonl   # again after a stop:
                                                                                             # runs only what is missing
+    python bench/bench_samplers.py --configs flags,ar_greedy --sampler random --block_length 16   # the sampler flags
 
 Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
 training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
@@ -21,7 +22,6 @@ commits several tokens a step:
     python bench/bench_samplers.py --model_name out/sft/final --prompts synthetic_arith --gen_len 35 \
         --batch_sizes 1 --configs low_confidence,threshold0.9,threshold0.7,threshold0.5
 """
-import argparse
 import json
 import math
 import os
@@ -36,10 +36,11 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from common import first_line  # noqa: E402
-from model import DTYPES, build_inputs, cut_at_eos, default_device, default_dtype, sample  # noqa: E402
+from common import Parser, first_line, is_correct  # noqa: E402
+from model import (DTYPES, SamplerSettings, add_sampler_args, build_inputs, cut_at_eos, default_device,  # noqa: E402
+                   default_dtype, sample)
 
-# name -> (sampler, keyword arguments of model.sample); "ar_*" run the AR parent's generate
+# name -> (sampler, SamplerSettings fields); "ar_*" run the AR parent's generate; "flags": the sampler flags
 CONFIGS = {
     "diffullama64": ("diffullama", dict(diffusion_steps=64)),
     "diffullama256": ("diffullama", dict(diffusion_steps=256)),
@@ -78,6 +79,12 @@ def config(name):
     return "threshold", {**kw, m.group(1): value} if m.group(1) == "threshold" else {**kw, "factor": value}
 
 
+def flags_name(settings):
+    """The table's name of the sampler flags' settings: flags(the fields that differ from the defaults)."""
+    default = SamplerSettings()
+    return "flags(" + ",".join(f"{k}={v}" for k, v in vars(settings).items() if v != getattr(default, k)) + ")"
+
+
 def fixed_prompts(data_dir, n, words=24):
     """n prompts, half from wiki_demo.txt paragraphs and half from c4_demo.json documents: the first
     `words` words of each of the first ones that have at least 2 * words words."""
@@ -110,32 +117,38 @@ def count_forwards(module):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--model_name", default="smollm2-135m")
+    p = Parser(prog="bench_samplers.py", description=__doc__.strip())
+    p.add_argument("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="holds wiki_demo.txt and c4_demo.json")
-    p.add_argument("--n_prompts", type=int, default=20)
+    p.add_argument("--n_prompts", type=int, default=20, help="prompts per configuration")
     p.add_argument("--prompts", default="corpus", choices=["corpus", "synthetic_arith"],
                    help="corpus: wiki/C4 openings; synthetic_arith: train_sft.py's test problems (adds accuracy)")
-    p.add_argument("--gen_len", type=int, default=256)
-    p.add_argument("--batch_sizes", default="1,8")
-    p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--gen_len", type=int, default=256, help="new tokens per prompt")
+    p.add_argument("--batch_sizes", default="1,8", help="comma-separated")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations (see config(); "
+                   "`flags`: the sampler flags below)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samplers")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: time by this process's CPU time (time.process_time), for a machine shared with other "
                         "jobs; with one thread it equals the wall time of an idle machine")
     p.add_argument("--results", default=None,
                    help="FILE.jsonl: append each finished row; rows already there for the same model, prompts, "
                         "lengths, seed, device, dtype, clock and threads are not run again (a long table in several runs)")
+    add_sampler_args(p)
     args = p.parse_args(argv)
+    try:
+        flags = SamplerSettings.from_args(args)
+    except ValueError as e:
+        p.error(str(e))
     if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
         p.error(f"--results {args.results}: its folder does not exist")
     for f in ("wiki_demo.txt", "c4_demo.json") if args.prompts == "corpus" else ():
         if not os.path.isfile(os.path.join(args.data_dir, f)):
             p.error(f"--data_dir {args.data_dir}: no {f}")
-    names = [c for c in args.configs.split(",") if c]
-    bad = [c for c in names if config(c) is None]
+    names = [flags_name(flags) if c == "flags" else c for c in args.configs.split(",") if c]
+    bad = [c for c in names if config(c) is None and c != flags_name(flags)]
     if bad:
         p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)}, or low_confidence / "
                 f"threshold<c> / factor<f> with +prefix or +dual and @<temperature>)")
@@ -159,8 +172,8 @@ def main(argv=None):
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if any((name, bs) not in done for bs in batch_sizes for name in names):
         with torch.no_grad():   # warm-up outside the clock (kernel selection, CUDA context, allocator)
-            sample(model, build_inputs(tok, prompts[:1], 8, mask_token_id=model.mask_token_id), "low_confidence",
-                   diffusion_steps=8)
+            sample(model, build_inputs(tok, prompts[:1], 8, mask_token_id=model.mask_token_id),
+                   SamplerSettings("low_confidence", diffusion_steps=8))
             ids, att = ar._pad(prompt_ids[:1])
             ar.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=8, do_sample=False, pad_token_id=ar.pad)
     rows = []
@@ -170,7 +183,8 @@ def main(argv=None):
                 rows.append(done[name, bs])
                 print(table_row(*rows[-1]) + " (from --results)", file=sys.stderr, flush=True)
                 continue
-            kind, kw = config(name)
+            kind, kw = ("flags", None) if name == flags_name(flags) else config(name)
+            settings = flags if kind == "flags" else None if kind == "ar" else SamplerSettings(kind, **kw)
             target = (ar.model if kind == "ar" else model.model).get_decoder()
             calls, handle = count_forwards(target)
             gens, secs = [], 0.0
@@ -187,7 +201,7 @@ def main(argv=None):
                     gens += out[:, ids.shape[1]:].tolist()
                 else:
                     batch = build_inputs(tok, chunk, args.gen_len, mask_token_id=model.mask_token_id)
-                    out = sample(model, batch, kind, generator=g, **kw).cpu()
+                    out = sample(model, batch, settings, generator=g).cpu()
                     gen = ~batch["src_mask"] & batch["attention_mask"].bool()
                     gens += [out[b][gen[b]].tolist() for b in range(len(chunk))]
                 if args.device.startswith("cuda"):
@@ -240,8 +254,7 @@ def table_row(name, bs, tps, fpt, ppl, ent, right):
 
 
 def accuracy(tok, gens, refs):
-    """The share of generations (token ids, cut at EOS) whose answer is right (train_sft.is_correct)."""
-    from train_sft import is_correct
+    """The share of generations (token ids, cut at EOS) whose answer is right (common.is_correct)."""
     eos = tok.eos_token_id
     texts = [tok.decode(cut_at_eos(g, eos), skip_special_tokens=True) for g in gens]
     return sum(is_correct(t, r) for t, r in zip(texts, refs)) / len(refs)

@@ -68,7 +68,7 @@ def test_results_file_keeps_rows_and_skips_them(tmp_path, capsys, monkeypatch):
     assert lines[0]["gen_len"] == 8 and lines[0]["tokens_per_s"] == first[0][2]
     ran = []
     real = bs.sample
-    monkeypatch.setattr(bs, "sample", lambda *a, **k: ran.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(bs, "sample", lambda *a, **k: ran.append(a[2].sampler) or real(*a, **k))
     again = bs.main(argv + ["--configs", "threshold0.9,low_confidence"])
     assert ran == ["low_confidence"] * 4            # warm-up, 2 prompts at batch 1, one batch of 2: threshold0.9 not rerun
     assert [r[:2] for r in again] == [("threshold0.9", 1), ("low_confidence", 1), ("threshold0.9", 2), ("low_confidence", 2)]

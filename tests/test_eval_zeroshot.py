@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import save_tiny_ar
-from model import DiscreteDiffusionModel
+from model import DiscreteDiffusionModel, SamplerSettings
 import eval_zeroshot as ez
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +66,9 @@ def data_dir(tmp_path_factory):
 
 def scorer(path, **kw):
     kw.setdefault("mc_num", 8)
-    return ez.Scorer(path, device="cpu", dtype="float32", **kw)
+    sampler = {k: kw.pop(k) for k in list(kw) if k in SamplerSettings.__dataclass_fields__}
+    settings = SamplerSettings(**{**ez.EVAL_SAMPLER, **sampler}) if sampler else None
+    return ez.Scorer(path, device="cpu", dtype="float32", settings=settings, **kw)
 
 
 # -- readers and scorers -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 import ring_worker as rw
-from attention_patch import anneal_attention_mask, anneal_block, draw_mask_seed, mask_uniform, ring_attention
+from attention_patch import anneal_attention_mask, anneal_tile, draw_mask_seed, mask_uniform, ring_attention
 from model import diffusion_loss, sequence_chunk
 
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -71,7 +71,7 @@ def test_ring_kernel_equals_sdpa(name, nproc, request):
 @pytest.mark.parametrize("nproc", [2, 4])
 @pytest.mark.parametrize("name", rw.MATH_CASES)
 def test_ring_math_kernel_equals_sdpa(name, nproc, request):
-    """float64: the blocks run the math kernel (CUDA's kernel for masked blocks), exact to 1e-10."""
+    """float64: the tiles run the math kernel (CUDA's kernel for masked tiles), exact to 1e-10."""
     out_dir = request.getfixturevalue("two_ranks" if nproc == 2 else "four_ranks")
     ring, ref = gathered(out_dir, f"kernel_{name}_f64", nproc, dim=2), reference(name, torch.float64)
     for k in ("out", "dq", "dk", "dv"):
@@ -80,7 +80,7 @@ def test_ring_math_kernel_equals_sdpa(name, nproc, request):
 
 @pytest.mark.parametrize("name", list(rw.KERNEL_CASES))
 def test_ring_kernel_one_process(name):
-    """Without a group the kernel is plain attention over its one chunk (the block kernel alone)."""
+    """Without a group the kernel is plain attention over its one chunk (the tile kernel alone)."""
     q, k, v, dout, pad, ratio = rw.kernel_inputs(name)
     anneal = None if ratio is None else (draw_mask_seed(torch.Generator().manual_seed(rw.MASK_SEED)), ratio)
     q, k, v = (a.clone().requires_grad_() for a in (q, k, v))
@@ -112,19 +112,19 @@ def test_sequence_parallel_model_equals_one_process(name, two_ranks):
         torch.testing.assert_close(ranks[1]["grad." + k], p.grad, **TOL, msg=k)
 
 
-def test_mask_blocks_are_slices_of_the_whole():
-    """Any block of the annealing mask, built on its own, is that block of the whole mask; the random part
+def test_mask_tiles_are_slices_of_the_whole():
+    """Any tile of the annealing mask, built on its own, is that tile of the whole mask; the random part
     is Bernoulli(ratio); the causal part is always on."""
     seed = draw_mask_seed(torch.Generator().manual_seed(0))
     pos = torch.arange(96)
-    whole = anneal_block(seed, 0.3, pos, pos)
-    assert torch.equal(anneal_block(seed, 0.3, pos[32:64], pos[64:]), whole[32:64, 64:])
+    whole = anneal_tile(seed, 0.3, pos, pos)
+    assert torch.equal(anneal_tile(seed, 0.3, pos[32:64], pos[64:]), whole[32:64, 64:])
     assert whole[torch.ones(96, 96, dtype=torch.bool).tril()].all()
     upper = whole[torch.ones(96, 96, dtype=torch.bool).triu(1)].float().mean().item()
     assert 0.26 < upper < 0.34
     u = mask_uniform(seed, pos, pos)
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
-    assert not torch.equal(anneal_block(seed + 1, 0.3, pos, pos), whole)
+    assert not torch.equal(anneal_tile(seed + 1, 0.3, pos, pos), whole)
 
 
 def test_uneven_sequence_is_refused():

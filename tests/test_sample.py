@@ -7,9 +7,9 @@ import torch
 
 from conftest import save_tiny_ar, tiny_tokenizer
 from conftest import tiny_causal_lm
-from model import (CACHE_MODES, SAMPLERS as ALL_SAMPLERS, DiscreteDiffusionModel, _step_logits, build_inputs,
-                   cache_conflict, cached_step_logits, commit_counts, generate_llada, generate_samples, refresh_cache,
-                   sample, transfer_schedule)
+from model import (CACHE_MODES, SAMPLERS as ALL_SAMPLERS, DiscreteDiffusionModel, SamplerSettings, _step_logits,
+                   build_inputs, cached_step_logits, check_sampler_settings, commit_counts, generate_diffullama,
+                   generate_llada, refresh_cache, sample, transfer_schedule)
 import sample as sample_script
 
 SAMPLERS = ["diffullama", "low_confidence", "random", "threshold"]
@@ -25,9 +25,17 @@ def dlm(tmp_path_factory):
     return m
 
 
-def run(m, batch, sampler, seed=0, **kw):
+def run(m, batch, sampler, seed=0, callback=None, **kw):
     kw.setdefault("diffusion_steps", 8)
-    return sample(m, batch, sampler, generator=torch.Generator().manual_seed(seed), **kw)
+    return sample(m, batch, SamplerSettings(sampler, **kw), generator=torch.Generator().manual_seed(seed), callback=callback)
+
+
+def allowed(sampler, cache):
+    try:
+        check_sampler_settings(SamplerSettings(sampler, cache=cache))
+        return True
+    except ValueError:
+        return False
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -68,7 +76,7 @@ def test_left_padded_batch_equals_one_at_a_time(dlm, block_length, sampler):
 
 
 @pytest.mark.parametrize("tokens", ["greedy", "sampled"])
-@pytest.mark.parametrize("sampler, cache", [(s, c) for s in ALL_SAMPLERS for c in CACHE_MODES if not cache_conflict(s, c)])
+@pytest.mark.parametrize("sampler, cache", [(s, c) for s in ALL_SAMPLERS for c in CACHE_MODES if allowed(s, c)])
 def test_row_generators_make_a_padded_batch_equal_each_row_alone(dlm, sampler, cache, tokens):
     """With one generator per row every sampler, random reveal orders included, gives each row of a
     left-padded batch exactly what that prompt gives alone with its generator."""
@@ -83,15 +91,16 @@ def test_row_generators_make_a_padded_batch_equal_each_row_alone(dlm, sampler, c
     def gens(seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    together = sample(dlm, batch, sampler, generator=gens([3, 4, 5]), **kw)
+    kw = SamplerSettings(sampler, **kw)
+    together = sample(dlm, batch, kw, generator=gens([3, 4, 5]))
     for b, p in enumerate(prompts):
         one = build_inputs(tok, [p], 8, mask_token_id=dlm.mask_token_id)
-        alone = sample(dlm, one, sampler, generator=torch.Generator().manual_seed(3 + b), **kw)
+        alone = sample(dlm, one, kw, generator=torch.Generator().manual_seed(3 + b))
         assert torch.equal(together[b, -one["input_ids"].shape[1]:], alone[0])
     if sampler in ("diffullama", "random") or not greedy:             # the streams are really used
-        assert not torch.equal(together, sample(dlm, batch, sampler, generator=gens([6, 7, 8]), **kw))
+        assert not torch.equal(together, sample(dlm, batch, kw, generator=gens([6, 7, 8])))
     with pytest.raises(ValueError, match="got 2 generators for 3 rows"):
-        sample(dlm, batch, sampler, generator=gens([1, 2]), **kw)
+        sample(dlm, batch, kw, generator=gens([1, 2]))
 
 
 def test_hole_in_the_middle_and_any_src_mask(dlm):
@@ -123,13 +132,13 @@ def test_llada_even_schedule_and_block_order(dlm):
 def test_diffullama_reveals_everything_by_t1(dlm):
     batch = build_inputs(dlm.tokenizer, ["the"], 16, mask_token_id=dlm.mask_token_id)
     states = []
-    out = generate_samples(dlm, **batch, diffusion_steps=5, generator=torch.Generator().manual_seed(0),
+    out = generate_diffullama(dlm, **batch, diffusion_steps=5, generator=torch.Generator().manual_seed(0),
                            callback=lambda s, x: states.append(int((x == dlm.mask_token_id).sum())))
     assert len(states) == 5 and states[-1] == 0 and states == sorted(states, reverse=True)
-    one = generate_samples(dlm, **batch, diffusion_steps=1, generator=torch.Generator().manual_seed(0))
+    one = generate_diffullama(dlm, **batch, diffusion_steps=1, generator=torch.Generator().manual_seed(0))
     assert not (one == dlm.mask_token_id).any()
     # top-p that keeps one token = greedy x0 at every step
-    g1 = generate_samples(dlm, **batch, diffusion_steps=1, topp_temp=1e-6, generator=torch.Generator().manual_seed(0))
+    g1 = generate_diffullama(dlm, **batch, diffusion_steps=1, topp_temp=1e-6, generator=torch.Generator().manual_seed(0))
     greedy = dlm.position_logits(batch["input_ids"].masked_fill(~batch["src_mask"], dlm.mask_token_id),
                                  batch["attention_mask"])
     greedy[..., dlm.mask_token_id] = float("-inf")
@@ -141,7 +150,7 @@ def test_diffullama_reveals_everything_by_t1(dlm):
 def test_shift_requires_a_given_first_token(dlm):
     x = torch.randint(5, 60, (1, 6))
     with pytest.raises(ValueError, match="first token"):
-        generate_samples(dlm, x, torch.zeros_like(x, dtype=torch.bool))
+        generate_diffullama(dlm, x, torch.zeros_like(x, dtype=torch.bool))
 
 
 def test_build_inputs_layout():
@@ -206,7 +215,7 @@ def test_embedded_model_builds_and_gets_a_mask_token():
     assert m.config.model_type == "llama" and m.tokenizer.mask_token == "<|mdm_mask|>"
     assert m.mask_token_id == 49152 and m.model.get_input_embeddings().weight.shape[0] == 49153
     batch = build_inputs(m.tokenizer, ["ROMEO:"], 4, mask_token_id=m.mask_token_id)
-    out = sample(m, batch, "low_confidence", diffusion_steps=2)
+    out = sample(m, batch, SamplerSettings("low_confidence", diffusion_steps=2))
     assert not (out == m.mask_token_id).any() and torch.equal(out[batch["src_mask"]], batch["input_ids"][batch["src_mask"]])
 
 
@@ -256,7 +265,7 @@ def test_diffullama_sampler_keeps_the_reference_distribution(dlm):
     batch = build_inputs(dlm.tokenizer, ["the king said"] * n, 3, mask_token_id=dlm.mask_token_id)
     gen = ~batch["src_mask"] & batch["attention_mask"].bool()
     x, att = batch["input_ids"].masked_fill(gen, dlm.mask_token_id), batch["attention_mask"]
-    ours = generate_samples(dlm, **batch, diffusion_steps=steps, logits_temp=temp, topp_temp=topp,
+    ours = generate_diffullama(dlm, **batch, diffusion_steps=steps, logits_temp=temp, topp_temp=topp,
                             generator=torch.Generator().manual_seed(0))
     ref = [reference_diffullama(dlm, x, gen, att, steps, temp, topp, torch.Generator().manual_seed(s)) for s in (1, 2)]
     hot = reference_diffullama(dlm, x, gen, att, steps, 2.0, topp, torch.Generator().manual_seed(3))
@@ -407,7 +416,7 @@ def test_stop_at_eos_changes_nothing_before_the_first_eos(dlm, sampler):
         try:
             g = torch.Generator().manual_seed(0)
             if sampler == "diffullama":
-                return generate_samples(dlm, **batch, diffusion_steps=16, generator=g, **kw)
+                return generate_diffullama(dlm, **batch, diffusion_steps=16, generator=g, **kw)
             return generate_llada(dlm, **batch, steps=16, block_length=4, remasking=sampler, threshold=0.2,
                                   temperature=1.0, generator=g, **kw)
         finally:
