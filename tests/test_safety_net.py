@@ -97,7 +97,8 @@ def test_step_loss_by_hand(tiny, monkeypatch):
     per row and the masks (u < t, never position 0), then, in each forward that anneals, one seed for the
     mask; logits from a plain forward of the transformers model (the step's weights) under that mask;
     CE of the token at i from the logits at i - 1, weighted by 1/t, summed over both micro-steps and
-    divided by the masked tokens of both."""
+    divided by the masked tokens of both. The logged gradient norm is that of this hand loss (so the
+    backward weighs the micro-steps the same way)."""
     seen = []                                          # (ratio, mask) of every annealed forward
     real = model_py.anneal_attention_mask
 
@@ -141,13 +142,16 @@ def test_step_loss_by_hand(tiny, monkeypatch):
                 vis = torch.ones(L, L, dtype=torch.bool).tril()
             hand_masks.append(vis)
             xt = x.masked_fill(masked, tok.mask_token_id)
-            with torch.no_grad():
-                logits = hf(input_ids=xt, attention_mask=vis.expand(B, 1, L, L)).logits.double()
+            logits = hf(input_ids=xt, attention_mask=vis.expand(B, 1, L, L)).logits.double()
             logp = F.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)   # logits at i-1 score token i
-            total += (-logp * masked[:, 1:] / t[:, None].double()).sum().item()
+            total = total + (-logp * masked[:, 1:] / t[:, None].double()).sum()
             n_total += int(masked.sum())
+        loss = total / n_total
+        loss.backward()                                # the step's gradient: its norm is logged before clipping
+        grad_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in hf.parameters()))
         assert log[step]["n_masked"] == n_total
-        assert log[step]["loss"] == pytest.approx(total / n_total, rel=1e-5, abs=1e-6)
+        assert log[step]["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+        assert log[step]["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
     # every forward ran the hand-built mask: causal at ratio 0, the hand-drawn one at ratio 0.25
     assert [r for r, _ in seen] == [0.0, 0.0, 0.25, 0.25]
     for (_, mask), vis in zip(seen, hand_masks):
@@ -409,13 +413,16 @@ def exact_loglik(hf, tok, context, token):
     return F.log_softmax(logits, -1)[token].item(), int(greedy.argmax()) == token
 
 
-def test_one_token_loglik_is_exact(tiny):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_token_loglik_is_exact(tiny, arch):
     """With one target token every ELBO draw masks exactly that token with weight 1, so Scorer.loglik and
     the lm-eval adapter's loglikelihood are exact: log p(token | context) from the logits, for contexts of
-    different lengths in one left-padded batch; is_greedy says whether greedy decoding gives the token."""
+    different lengths in one left-padded batch (GPT-2's absolute positions must follow the real tokens);
+    is_greedy says whether greedy decoding gives the token."""
     import eval_zeroshot
     tok = tiny_tokenizer(with_mask=True)
-    hf = load_hf(tiny["model"])
+    path = tiny["model"] if arch == "llama" else save_tiny_ar(tiny["dir"] / "tiny_gpt2", arch="gpt2", with_mask=True)
+    hf = load_hf(path)
     contexts = ["the king said", "my lord", "thou shall not come to the night and the day"]
     wanted = []
     for i, ctx in enumerate(contexts):
@@ -425,7 +432,7 @@ def test_one_token_loglik_is_exact(tiny):
     expected = [exact_loglik(hf, tok, ctx, t) for ctx, _, t in wanted]
     assert expected[0][1] and not all(g for _, g in expected)
 
-    scorer = make_scorer(tiny["model"], mc_num=4, batch_size=8)
+    scorer = make_scorer(path, mc_num=4, batch_size=8)
     pairs = [scorer.encode_pair(ctx, cont) for ctx, cont, _ in wanted]
     assert [len(c) for _, c in pairs] == [1, 1, 1]
     got = scorer.loglik(pairs, greedy=True)
