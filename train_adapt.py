@@ -28,10 +28,10 @@ sequences, with fixed noise; with the default Shakespeare corpus, whole held-out
 The run (flags, checkpoints, exact --resume, `final`, DDP / FSDP2 / --sp_size, stop signals, the log) is
 trainer.py's, shared with train_sft.py; docs/training.md and docs/scale-out.md say more.
 """
+import argparse
 import glob
 import hashlib
 import json
-import argparse
 import os
 import time
 
@@ -40,8 +40,9 @@ import torch
 
 import trainer
 from attention_patch import anneal_ratio
+from common import Parser, at_least, first_line, real
 from model import diffusion_loss, maskable_positions, noise_draw
-from trainer import at_least, die, file_checksum, log0, real, stream_indices, write_atomic
+from trainer import die, file_checksum, log0, stream_indices, write_atomic
 
 PROG = "train_adapt.py"
 SHAKESPEARE = "shakespeare"
@@ -57,7 +58,7 @@ FIXED_ON_RESUME = ("model_name", "data", "text_field", "seq_len", "batch_size", 
 
 
 def build_parser():
-    p = trainer.Parser(prog=PROG, description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).")
+    p = Parser(prog=PROG, description="Adapt a causal LM into a diffusion LM (see the top of train_adapt.py).")
     trainer.add_run_args(p)
     a = p.add_argument
     a("--data", default=SHAKESPEARE, help="text/.json/.jsonl/.bin file or a folder of them; 'shakespeare' = embedded corpus")
@@ -381,7 +382,7 @@ def train(argv, stop):
                                                    token_cache_root(args.out_dir), writer=run.local_rank == 0,
                                                    show=run.rank == 0)
     except OSError as e:   # a file that cannot be read (permissions, I/O error), or a token cache that cannot be written
-        die(f"--data {args.data}: {trainer.first_line(e)}")
+        die(f"--data {args.data}: {first_line(e)}")
     log0(f"data: {dinfo.get('n_tokens')} tokens, {len(train_seqs)} train / {len(val_seqs) if val_seqs else 0} "
          f"val sequences of {args.seq_len}" + (f" (cache {dinfo['cache']})" if "cache" in dinfo else ""))
 

@@ -47,14 +47,17 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 """
 import os
 import random
+import warnings
+from dataclasses import replace
 
 import torch
 
 import trainer
-from trainer import at_least, die, flag_error, log0, real
-from model import (SAMPLERS, DiscreteDiffusionModel, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
+from common import DataError, Parser, at_least, field, is_correct, read_records, real
+from model import (DiscreteDiffusionModel, SamplerSettings, add_sampler_args, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
                    maskable_positions, noise_draw, sample, start_token_id)
-from common import DataError, field, is_correct, read_records
+from trainer import die, flag_error, log0
+
 
 PROG = "train_sft.py"
 SYNTHETIC = "synthetic_arith"
@@ -68,7 +71,7 @@ FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id",
 # arguments
 
 def build_parser():
-    p = trainer.Parser(prog=PROG, description="Diffusion fine-tuning (see the top of train_sft.py).")
+    p = Parser(prog=PROG, description="Diffusion fine-tuning (see the top of train_sft.py).")
     trainer.add_run_args(p, out_dir="out/sft", lr=2e-5, min_lr=2e-6, warmup_steps=10, max_steps=500, batch_size=8,
                  eval_every=100, save_every=100)
     a = p.add_argument
@@ -89,10 +92,10 @@ def build_parser():
     a("--lora_target", default=None, help="'all' (every linear layer but the head) or module names, e.g. q_proj,v_proj (default all)")
     a("--modules_to_save", default=None, help="modules trained in full beside LoRA, e.g. embed_tokens (DiffuLLaMA)")
     a("--merge_lora", action="store_true", help="at the end, also write <out_dir>/merged: base + adapter as a plain HF folder")
-    a("--sampler", default="low_confidence", help=f"evaluation sampler: one of {', '.join(SAMPLERS)} (block mode: block)")
-    a("--diffusion_steps", type=at_least(1), default=None, help="evaluation sampler steps (default: --eval_gen_len)")
     a("--eval_gen_len", type=at_least(1), default=None, help="tokens generated per evaluation answer (default: the longest reference answer + 1)")
     a("--eval_batch_size", type=at_least(1), default=16, help="evaluation prompts per sampler call (per rank)")
+    # the evaluation's sampler (greedy unless --temperature; in block mode the block sampler), stopping at EOS
+    add_sampler_args(p, omit=("stop_at_eos",), sampler="low_confidence", diffusion_steps=None)
     return p
 
 
@@ -104,8 +107,10 @@ def check_sft_args(args):
     lora_flags = [f for f in ("lora_alpha", "lora_dropout", "lora_target", "modules_to_save") if getattr(args, f) is not None]
     if args.lora_r is None and (lora_flags or args.merge_lora):
         flag_error(f"--{(lora_flags or ['merge_lora'])[0]} needs --lora_r (LoRA is off without it)")
-    if args.sampler not in SAMPLERS:
-        flag_error(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    try:
+        SamplerSettings.from_args(args)
+    except ValueError as e:
+        flag_error(str(e))
     if args.sampler == "block" and args.block_size is None:
         flag_error("--sampler block evaluates block-diffusion models: it needs --block_size")
     if args.sp_size > 1 and args.block_size:
@@ -254,7 +259,9 @@ def apply_lora(raw, args):
     cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout or 0.0,
                      target_modules=targets, modules_to_save=save,
                      ensure_weight_tying=bool(save) and bool(getattr(raw.config, "tie_word_embeddings", False)))
-    raw.model = get_peft_model(raw.model, cfg)
+    with warnings.catch_warnings():   # peft asks transformers' deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        raw.model = get_peft_model(raw.model, cfg)
     return raw
 
 
@@ -275,16 +282,15 @@ def load_adapter_weights(raw, ckpt):
 # evaluation: sample each answer, compare
 
 @torch.no_grad()
-def answer(raw, examples, args, gen_len, sampler):
-    """The model's answers (text up to EOS) to examples [(prompt ids, response ids, reference)], greedy."""
+def answer(raw, examples, settings, gen_len, batch_size):
+    """The model's answers (text up to EOS) to examples [(prompt ids, response ids, reference)] with the
+    sampler `settings` (a SamplerSettings)."""
     tok, outs = raw.tokenizer, []
     eos = tok.eos_token_id
-    steps = args.diffusion_steps or gen_len
-    for s in range(0, len(examples), args.eval_batch_size):
-        chunk = examples[s:s + args.eval_batch_size]
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
         batch = layout_rows([(p, gen_len, []) for p, _, _ in chunk], raw.mask_token_id, eos)
-        out = sample(raw, {k: v.to(raw.device) for k, v in batch.items()}, sampler, steps,
-                     block_length=args.block_size, stop_at_eos=True)
+        out = sample(raw, {k: v.to(raw.device) for k, v in batch.items()}, settings)
         gen = (~batch["src_mask"] & batch["attention_mask"].bool())
         for b in range(len(chunk)):
             ids = out[b][gen[b].to(out.device)].tolist()
@@ -292,8 +298,13 @@ def answer(raw, examples, args, gen_len, sampler):
     return outs
 
 
-def eval_sampler(args):
-    return "block" if args.block_size and args.sampler != "diffullama" else args.sampler
+def eval_settings(args, gen_len):
+    """The evaluation's sampler settings: the sampler flags, stopping at EOS, --diffusion_steps defaulting to
+    one step per token; a block-diffusion run (--block_size) answers with the block sampler and its blocks."""
+    block = bool(args.block_size) and args.sampler != "diffullama"
+    return replace(SamplerSettings.from_args(args), stop_at_eos=True, diffusion_steps=args.diffusion_steps or gen_len,
+                   sampler="block" if block else args.sampler,
+                   block_length=args.block_length or (args.block_size if block else None))
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +357,7 @@ def train(argv, stop):
 
     eos, W, rank = tok.eos_token_id, run.world_size, run.rank
     gen_len = args.eval_gen_len or (max(len(r) for _, r, _ in eval_set) + 1 if eval_set else 1)
-    sampler = eval_sampler(args)
+    settings = eval_settings(args, gen_len)
 
     # with --fsdp (every forward gathers weights: all ranks in step) or --sp_size (the ring runs one sequence
     # over a group) every rank answers the whole evaluation set, the same way; else each rank a share
@@ -363,7 +374,7 @@ def train(argv, stop):
             with torch.no_grad():     # root's shards (and keeps them until reshard) and sets FSDP up in order
                 raw(torch.full((1, 1), eos, dtype=torch.long, device=run.device))
         with run.autocast:
-            preds = answer(raw, mine, args, gen_len, sampler)
+            preds = answer(raw, mine, settings, gen_len, args.eval_batch_size)
         if run.fsdp:
             raw.reshard()
         if run.sp_size > 1:

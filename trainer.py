@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from attention_patch import RING, resolve_attn_implementation
-from common import check_model_folder, first_line
+from common import at_least, check_model_folder, first_line, real
 from model import EMBEDDED_MODEL, DiscreteDiffusionModel, default_device, default_dtype, load_tokenizer, max_positions, resolve_model_path
 
 PROG = "trainer.py"   # the script named in error lines: main() sets it for the run
@@ -76,56 +76,6 @@ def log0(*a):
 
 # -----------------------------------------------------------------------------
 # arguments: ranges are argparse types, so a bad value is one line naming the flag before anything loads
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`prog: error: --lr must be > 0 and finite, got -1`, exit status 2) and
-    the defaults shown in --help."""
-
-    def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*a, **kw)
-
-    def error(self, message):
-        flag_error(re.sub(r"^argument ([^:/ ]+)(?:/[^: ]+)*: ", r"\1 ", message))
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # show a default only where it says something
-        if "default" in (action.help or "") or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def at_least(low):
-    """An int flag >= low."""
-    def whole(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-        return v
-    whole.__name__ = f"int >= {low}"
-    return whole
-
-
-def real(low=0.0, strict=False, below=None):
-    """A finite float flag > low (strict) or >= low, and < below when given."""
-    def number(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-        if below is not None:
-            if not low <= v < below:
-                raise argparse.ArgumentTypeError(f"must be in [{low:g}, {below:g}), got {v}")
-        elif not math.isfinite(v) or v < low or (strict and v == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g} and finite, got {v}")
-        return v
-    number.__name__ = "number"
-    return number
-
 
 SEED_LIMIT = 2**32 - 2**16   # numpy seeds below 2**32, and a rank's seed is --seed + rank
 

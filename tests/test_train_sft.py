@@ -220,7 +220,7 @@ def test_toy_mapping_is_learnt(mode, setup):
     log = read_log(out)
     assert log[0]["eval_accuracy"] < 0.5 and log[-1]["eval_accuracy"] == 1.0
     # the saved model (or adapter) answers the same way through model.sample
-    from model import sample
+    from model import SamplerSettings, sample
     kw = {"adapter_path": str(out / "final")} if mode == "lora" else {}
     m = DiscreteDiffusionModel.from_pretrained(setup["model"] if mode == "lora" else str(out / "final"), **kw).eval()
     if mode == "block":
@@ -228,7 +228,8 @@ def test_toy_mapping_is_learnt(mode, setup):
     tok = m.tokenizer
     batch = layout_rows([([tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(r["instruction"]), add_special_tokens=False),
                           4, []) for r in TOY], m.mask_token_id, tok.eos_token_id)
-    got = sample(m, batch, "block" if mode == "block" else "low_confidence", 4, stop_at_eos=True)
+    got = sample(m, batch, SamplerSettings(sampler="block" if mode == "block" else "low_confidence", diffusion_steps=4,
+                                           stop_at_eos=True))
     for b, r in enumerate(TOY):
         text = tok.decode(got[b][~batch["src_mask"][b]].tolist(), skip_special_tokens=True)
         assert text.split() == r["output"].split()
