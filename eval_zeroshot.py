@@ -38,7 +38,7 @@ from attention_patch import resolve_attn_implementation
 from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, normalize_answer,
                     read_records)
 from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, cpu_thread_hint,
-                   cut_at_eos, default_device, default_dtype, elbo_loglik, layout_rows, load_tokenizer, max_positions,
+                   cut_at_eos, default_device, default_dtype, elbo_loglik, hub_failure, layout_rows, load_tokenizer, max_positions,
                    pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
 PROG = "eval_zeroshot.py"
@@ -257,7 +257,11 @@ class Scorer:
                 raise DataError("--adapter_path belongs to the diffusion model; --ar scores its AR parent without it")
             self.model_name = ar_parent(model_name, base_model_name)
             path = resolve_model_path(self.model_name)
-            if getattr(AutoConfig.from_pretrained(path), "is_causal", True) is False:
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except OSError as e:
+                raise hub_failure(self.model_name, e) from None
+            if getattr(config, "is_causal", True) is False:
                 raise DataError(f"--ar: {self.model_name} is a diffusion checkpoint that names no AR parent "
                                 f"(no adapted_from in its config): give the AR model as --model_name")
             self.model = AutoModelForCausalLM.from_pretrained(

@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -108,6 +109,12 @@ def resolve_model_path(name, flag="--model_name"):
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0])):
         raise FileNotFoundError(f"{flag} {name}: no such model folder")
     return name  # a hub id: transformers fetches it (or says why not)
+
+
+def hub_failure(name, e, flag="--model_name"):
+    """The one-line error for a hub id that did not load (no network, no such model, gated), from the
+    OSError transformers raised."""
+    return FileNotFoundError(f"{flag} {name}: not a local folder, and the hub did not provide it: {first_line(e)}")
 
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -261,7 +268,9 @@ def merge_adapter(hf, adapter_path, shift=None):
         raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
     check_model_folder(adapter_path)
     from peft import PeftModel
-    hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
+    with warnings.catch_warnings():   # peft's own use of a transformers alias: nothing a user can change
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
     extra = os.path.join(adapter_path, ADAPTER_EXTRA)
     if os.path.exists(extra):
         with open(extra) as f:
@@ -326,8 +335,7 @@ class DiscreteDiffusionModel(nn.Module):
             try:
                 hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
             except OSError as e:
-                raise FileNotFoundError(f"--model_name {name_or_path}: not a local folder, and the hub did not "
-                                        f"provide it: {first_line(e)}") from None
+                raise hub_failure(name_or_path, e) from None
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
             if tokenizer is None and base_model_name:

@@ -87,6 +87,26 @@ def test_results_file_keeps_rows_and_skips_them(tmp_path, capsys, monkeypatch):
     assert "its folder does not exist" in capsys.readouterr().err
 
 
+def test_sampler_flags_are_a_configuration(tmp_path, capsys, monkeypatch):
+    import json
+    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
+    from model import DiscreteDiffusionModel, SamplerSettings
+    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
+    (tmp_path / "wiki_demo.txt").write_text("\n".join(" ".join(["the king said to his queen"] * 10) for _ in range(3)))
+    (tmp_path / "c4_demo.json").write_text(json.dumps([{"text": " ".join(["o my lord is good"] * 12)}] * 3))
+    seen, real = [], bs.sample
+    monkeypatch.setattr(bs, "sample", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--data_dir", str(tmp_path), "--n_prompts", "2",
+                    "--gen_len", "8", "--batch_sizes", "2", "--configs", "flags", "--device", "cpu",
+                    "--sampler", "random", "--block_length", "4", "--cache", "dual"])
+    assert [r[:2] for r in rows] == [("flags(sampler=random,block_length=4,cache=dual)", 2)]
+    assert seen[1:] == [SamplerSettings("random", block_length=4, cache="dual")]   # after the warm-up
+    with pytest.raises(SystemExit):
+        bs.main(["--configs", "flags", "--sampler", "block", "--cache", "dual"])
+    assert capsys.readouterr().err.endswith("error: --cache: the block sampler always caches the finished blocks "
+                                            "(exactly): leave --cache none\n")
+
+
 def test_accuracy_by_hand():
     class Tok:
         eos_token_id = 0

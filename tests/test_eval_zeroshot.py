@@ -233,6 +233,59 @@ def test_block_sampler_takes_the_models_block_size(models, tmp_path, monkeypatch
     assert default == scorer(str(tmp_path / "blk"), sampler="block", block_length=2).generate([(ctx, 6, [])])
 
 
+def sampler_modes():
+    from model import CACHE_MODES, SAMPLERS, check_sampler_settings
+    modes = []
+    for sampler in SAMPLERS:
+        for cache in CACHE_MODES:
+            try:
+                check_sampler_settings(SamplerSettings(sampler, cache=cache))
+                modes.append((sampler, cache))
+            except ValueError:
+                pass
+    return modes
+
+
+@pytest.mark.parametrize("sampler, cache", sampler_modes())
+def test_every_sampler_and_cache_is_reachable_from_the_command_line(models, data_dir, sampler, cache, monkeypatch):
+    import model
+    seen, refreshed = [], []
+    real_sample, real_refresh = ez.sample, model.refresh_cache
+    monkeypatch.setattr(ez, "sample", lambda m, b, s, **k: seen.append(s) or real_sample(m, b, s, **k))
+    monkeypatch.setattr(model, "refresh_cache", lambda *a, **k: refreshed.append(a[4]) or real_refresh(*a, **k))
+    res = ez.main(["--model_name", models["dlm"], "--tasks", "gsm8k", "--data_dir", data_dir, "--gen_len", "4",
+                   "--no_progress", "--sampler", sampler, "--cache", cache, "--block_length", "2"])
+    assert res["metrics"]["gsm8k"]["n"] == 2
+    assert seen and all(s == SamplerSettings(sampler, diffusion_steps=None, block_length=2, cache=cache) for s in seen)
+    assert set(refreshed) == ({cache} if cache != "none" else set())
+
+
+def test_lm_eval_model_args_build_the_sampler_settings(models):
+    lm = ez.DiffusionLM(model_name=models["dlm"], mc_num="4", device="cpu", dtype="float32", sampler="threshold",
+                        diffusion_steps="8", block_length="2", cache="dual", threshold="0.5")
+    assert lm.scorer.settings == SamplerSettings("threshold", 8, block_length=2, cache="dual", threshold=0.5)
+    assert ez.DiffusionLM(model_name=models["dlm"], mc_num="4", device="cpu").scorer.settings == \
+        SamplerSettings(**ez.EVAL_SAMPLER)
+    with pytest.raises(ValueError, match="--cache works with the block samplers"):
+        ez.DiffusionLM(model_name=models["dlm"], sampler="diffullama", cache="prefix")
+
+
+def test_run_folder_is_evaluated_from_its_final_checkpoint(models, data_dir, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(models["dlm"], run / "step_000003")
+    shutil.copytree(models["dlm"], run / "final")
+    (run / "latest").write_text("step_000003\n")
+    (run / "args.json").write_text(json.dumps({"model_name": models["ar"]}))
+    lam = os.path.join(data_dir, "lambada_test.txt")
+    common = ["--tasks", "lambada", "--data_path", lam, "--no_progress"]
+    got = ez.main(["--model_name", str(run)] + common)
+    assert got["examples"] == ez.main(["--model_name", models["dlm"]] + common)["examples"]     # the same predictions
+    err = capsys.readouterr().err
+    assert f"--model_name {run} is a run folder: loading its checkpoint {run / 'final'}" in err
+    assert ez.main(["--model_name", str(run), "--ar"] + common)["settings"]["scored_model"] == os.path.abspath(models["ar"])
+
+
 # -- end to end ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ar", [False, True])

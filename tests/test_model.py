@@ -215,6 +215,7 @@ def test_diffullama_layout_and_reused_mask_id(tmp_path):
     assert m.model.get_input_embeddings().weight.shape[0] == 72 + 4   # no resize when reusing an id
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")   # peft's own call
 def test_lora_adapter_is_merged(tmp_path):
     from peft import LoraConfig, get_peft_model
     src = save_tiny_ar(tmp_path / "base", "llama")
@@ -272,3 +273,14 @@ def test_missing_model_paths_are_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_path("empty")
     assert resolve_model_path("gpt2-org/some-model") == "gpt2-org/some-model"   # left to the hub
+
+
+def test_hub_ids_of_every_form(tmp_path, monkeypatch):
+    from model import resolve_model_path
+    monkeypatch.chdir(tmp_path)
+    for name in ["gpt2", "distilgpt2", "HuggingFaceTB/SmolLM2-135M", "org/name-v1.5"]:
+        assert resolve_model_path(name) == name                               # left to the hub, no slash needed
+    os.makedirs("org")
+    for name in ["org/name", "~/models/x", "./gpt2", "../gpt2"]:               # look like paths: must exist
+        with pytest.raises(FileNotFoundError, match=f"^--model_name {name}: no such model folder$"):
+            resolve_model_path(name)

@@ -460,3 +460,220 @@ def test_chat_loop_keeps_the_conversation(dlm, capsys):
     assert seen == ["user the king "]
     out = capsys.readouterr().out
     assert out.count("> ") == 5
+
+
+# -- sampler settings: flags once, checked once ------------------------------------------------------------
+
+BAD_SAMPLER_FLAGS = [
+    (["--sampler", "beam"], "--sampler must be one of diffullama, low_confidence, random, threshold, block, got 'beam'"),
+    (["--diffusion_steps", "0"], "--diffusion_steps must be >= 1, got 0"),
+    (["--block_length", "2.5"], "--block_length must be a whole number, got '2.5'"),
+    (["--topp_temp", "1.5"], "--topp_temp must be in (0, 1], got 1.5"),
+    (["--threshold", "0"], "--threshold must be in (0, 1], got 0.0"),
+    (["--logits_temp", "inf"], "--logits_temp must be > 0 and finite, got inf"),
+    (["--temperature", "-1"], "--temperature must be >= 0 and finite, got -1.0"),
+    (["--factor", "0"], "--factor must be > 0 and finite, got 0.0"),
+    (["--cache", "full"], "--cache must be one of none, prefix, dual, got 'full'"),
+    (["--sampler", "diffullama", "--cache", "dual"],
+     "--cache works with the block samplers (low_confidence, random, threshold), not diffullama"),
+    (["--sampler", "block", "--cache", "prefix"],
+     "--cache: the block sampler always caches the finished blocks (exactly): leave --cache none"),
+    (["--sampler", "random", "--factor", "1.0"], "--factor is a rule of --sampler threshold (it replaces --threshold), not of random"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_SAMPLER_FLAGS)
+def test_bad_sampler_flag_is_the_same_one_line_error_in_sample_and_eval(argv, message, capsys):
+    import eval_zeroshot as ez
+    for prog, parse, extra in (("sample.py", sample_script.parse_args, []),
+                               ("eval_zeroshot.py", ez.parse_args, ["--tasks", "lambada"])):
+        with pytest.raises(SystemExit) as e:
+            parse(argv + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == f"{prog}: error: {message}\n", err            # one line, no usage block
+    with pytest.raises(ValueError) as e:                               # the same words from Python
+        check_sampler_settings(SamplerSettings(**{k[2:]: v for k, v in zip(argv[::2], argv[1::2])}))
+    assert str(e.value) == message
+
+
+def test_sample_and_eval_share_the_flags_and_show_defaults(capsys):
+    import eval_zeroshot as ez
+
+    def helps(parse, extra=()):
+        with pytest.raises(SystemExit):
+            parse(["--help", *extra])
+        out = capsys.readouterr().out
+        return out[out.index("sampler:"):], out
+    ours, full = helps(sample_script.parse_args)
+    theirs, eval_full = helps(ez.parse_args)
+    assert "--diffusion_steps DIFFUSION_STEPS" in ours and "--stop_at_eos" in ours and "--stop_at_eos" not in theirs
+    assert "(default: 64)" in ours and "(default: diffullama)" in ours and "(default: low_confidence)" in theirs
+    assert "--gen_len GEN_LEN number of new tokens (default: 128)" in " ".join(full.split())
+    assert "--batch_size BATCH_SIZE sequences per forward (default: 32)" in " ".join(eval_full.split())
+    norm = lambda text: [line.strip() for line in " ".join(text.split()).replace("(default: 64) ", "").replace(
+        "(default: diffullama) ", "").replace("(default: low_confidence) ", "").split("--") if "stop_at_eos" not in line]
+    assert norm(ours) == norm(theirs)                                  # the same flags and help strings
+
+
+def test_cross_flag_rules_are_raised_by_sample_itself(dlm):
+    """sample() checks the same rules as the command line, and those that need the model (a block_size)."""
+    batch = build_inputs(dlm.tokenizer, ["the king"], 4, mask_token_id=dlm.mask_token_id)
+    for settings, message in [(SamplerSettings("diffullama", cache="dual"), "--cache works with the block samplers"),
+                              (SamplerSettings("low_confidence", factor=1.0), "--factor is a rule of --sampler threshold"),
+                              (SamplerSettings("block"), "--sampler block needs --block_length")]:
+        with pytest.raises(ValueError, match=message):
+            sample(dlm, batch, settings)
+    SamplerSettings.from_args(sample_script.parse_args(["--sampler", "block"]).settings)   # no model yet: allowed
+    out = sample(dlm, batch, SamplerSettings("block", block_length=2, diffusion_steps=4))
+    assert not (out == dlm.mask_token_id).any()
+
+
+def test_unset_diffusion_steps_is_one_step_per_generated_token(dlm):
+    batch = build_inputs(dlm.tokenizer, ["the king", "o"], 5, mask_token_id=dlm.mask_token_id)
+    for sampler in ("diffullama", "low_confidence"):
+        steps = []
+        run(dlm, batch, sampler, diffusion_steps=None, callback=lambda s, x: steps.append(s))
+        assert steps == [1, 2, 3, 4, 5]
+
+
+def test_cache_samplers_use_the_cache_api_that_stays(dlm, capsys):
+    """No FutureWarning (`past_key_values` goes in transformers 5.40) nor the deprecation log line."""
+    import warnings
+    batch = build_inputs(dlm.tokenizer, ["the king said", "o"], 8, mask_token_id=dlm.mask_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for settings in (SamplerSettings("threshold", block_length=4, cache="dual", diffusion_steps=8),
+                         SamplerSettings("low_confidence", block_length=4, cache="prefix", diffusion_steps=8),
+                         SamplerSettings("block", block_length=4, diffusion_steps=8)):
+            out = sample(dlm, batch, settings)
+            assert not (out == dlm.mask_token_id).any()
+    assert "deprecated" not in capsys.readouterr().err
+
+
+# -- loading: hub ids, run folders, unadapted models ---------------------------------------------------------
+
+def test_missing_local_path_names_the_flag_once(capsys):
+    for name in ("./no_such_model", "/no/such/model", "no/such/model"):
+        with pytest.raises(SystemExit) as e:
+            sample_script.main(["--model_name", name])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == f"sample.py: error: --model_name {name}: no such model folder\n", err
+
+
+def test_hub_id_without_a_slash_goes_to_the_hub_and_fails_in_one_line_offline(tmp_path):
+    """`gpt2` is a hub id (not a missing folder); with no network transformers' offline error is the one line."""
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--model_name", "gpt2"], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: --model_name gpt2: not a local folder, and the "
+                                                   "hub did not provide it: "), r.stderr
+    assert lines[0].count("--model_name") == 1 and "no such model folder" not in lines[0]
+
+
+def make_run(root, dlm_path, steps=(2, 4), final="folder", latest=None):
+    """A run folder like train_adapt.py's: step_* checkpoints (a model folder each, slightly different
+    weights), `latest`, args.json and `final` (a folder, a symlink as in older runs, or none)."""
+    os.makedirs(root)
+    m = DiscreteDiffusionModel.from_pretrained(dlm_path)
+    for s in steps:
+        with torch.no_grad():
+            m.model.get_input_embeddings().weight[5, 0] = float(s)      # which checkpoint loaded: readable here
+        m.save_pretrained(os.path.join(root, f"step_{s:06d}"))
+        with open(os.path.join(root, f"step_{s:06d}", "trainer_state.json"), "w") as f:
+            json.dump({"step": s}, f)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(f"step_{latest or steps[-1]:06d}\n")
+    with open(os.path.join(root, "args.json"), "w") as f:
+        json.dump({"model_name": dlm_path}, f)
+    last = os.path.join(root, f"step_{steps[-1]:06d}")
+    if final == "folder":
+        import shutil
+        shutil.copytree(last, os.path.join(root, "final"), ignore=shutil.ignore_patterns("trainer_state.json"))
+    elif final == "symlink":
+        os.symlink(f"step_{steps[-1]:06d}", os.path.join(root, "final"))
+    return str(root)
+
+
+def loaded_step(m):
+    return int(m.model.get_input_embeddings().weight[5, 0])
+
+
+@pytest.mark.parametrize("final", ["folder", "symlink"])
+def test_run_folder_loads_its_final_checkpoint_and_says_so(dlm, tmp_path, capsys, final):
+    run_dir = make_run(tmp_path / "run", dlm.path, steps=(2, 4), final=final)
+    res = sample_script.main(["--model_name", run_dir, "--gen_len", "3", "--diffusion_steps", "3"])
+    assert len(res) == 1 and res[0]["generation"]
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if "is a run folder" in line]
+    assert said == [f"--model_name {run_dir} is a run folder: loading its checkpoint {os.path.join(run_dir, 'final')}"]
+    assert loaded_step(DiscreteDiffusionModel.from_pretrained(run_dir)) == 4
+
+
+def test_run_folder_without_final_loads_the_newest_whole_checkpoint(dlm, tmp_path):
+    from model import resolve_model_path
+    run_dir = make_run(tmp_path / "run", dlm.path, steps=(2, 9, 10), final=None, latest=9)
+    assert resolve_model_path(run_dir) == os.path.join(run_dir, "step_000009")      # the one `latest` names
+    os.remove(os.path.join(run_dir, "latest"))
+    assert resolve_model_path(run_dir) == os.path.join(run_dir, "step_000010")      # else the newest
+    weights = os.path.join(run_dir, "step_000010", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)                                     # cut short by a crash
+    assert loaded_step(DiscreteDiffusionModel.from_pretrained(run_dir)) == 9
+    os.rename(os.path.join(run_dir, "step_000002"), os.path.join(run_dir, "step_1000000"))   # by number, not by name
+    assert resolve_model_path(run_dir) == os.path.join(run_dir, "step_1000000")
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")   # peft's own call
+def test_run_folder_of_a_lora_run_merges_the_adapter_into_its_base(dlm, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    run_dir = tmp_path / "sft"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(dlm.path),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(run_dir / "final")
+    (run_dir / "args.json").write_text(json.dumps({"model_name": dlm.path}))
+    x = torch.randint(4, 60, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = DiscreteDiffusionModel.from_pretrained(str(run_dir))(x)
+        want = DiscreteDiffusionModel.from_pretrained(dlm.path, adapter_path=str(run_dir / "final"))(x)
+    assert torch.equal(got, want) and not torch.allclose(got, dlm(x))
+    (run_dir / "args.json").unlink()
+    with pytest.raises(SystemExit):
+        sample_script.main(["--model_name", str(run_dir)])
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"sample.py: error: --model_name {run_dir / 'final'} holds a LoRA adapter alone: give the model "
+                       f"it was trained on as --model_name and this folder as --adapter_path")
+
+
+def test_unadapted_model_warns_once(dlm, tmp_path, capsys):
+    ar = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
+    sample_script.main(["--model_name", ar, "--prompt", "the", "--prompt", "o", "--num_samples", "2",
+                        "--batch_size", "1", "--gen_len", "3", "--diffusion_steps", "2"])
+    err = capsys.readouterr().err
+    assert err.count("never adapted") == 1 and "word salad until train_adapt.py adapts it" in err
+    sample_script.main(["--model_name", dlm.path, "--gen_len", "3", "--diffusion_steps", "2"])
+    assert "never adapted" not in capsys.readouterr().err
+
+
+def test_busy_cpu_hint(monkeypatch, capsys):
+    import model
+    monkeypatch.setattr(model.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(model.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(model.os, "getloadavg", lambda: (4.2, 3.0, 2.0))
+    line = model.cpu_thread_hint("sample.py", "cpu")
+    assert line.startswith("sample.py: the CPU is busy (load 4.2 on 2 cores) and torch runs 2 threads: OMP_NUM_THREADS=1")
+    assert capsys.readouterr().err == line + "\n"
+    assert model.cpu_thread_hint("sample.py", "cuda") is None                 # not on a GPU
+    monkeypatch.setattr(model.os, "getloadavg", lambda: (0.6, 0.5, 0.5))     # an idle machine: 1.4 cores free
+    assert model.cpu_thread_hint("sample.py") is None
+    monkeypatch.setattr(model.os, "getloadavg", lambda: (4.2, 3.0, 2.0))
+    monkeypatch.setattr(model.torch, "get_num_threads", lambda: 1)            # one thread already
+    assert model.cpu_thread_hint("sample.py") is None
+    assert capsys.readouterr().err == ""
