@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from common import check_model_folder, first_line
+from common import Parser, check_model_folder, first_line
 
 EXPERT_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<idx>\d+)\.(?P<name>[^.]+)\.weight$")
 MERGED_RE = re.compile(r"^(?P<prefix>(?:.+\.)?experts)\.(?P<name>[A-Za-z_]\w*)(?:\.weight)?$")
@@ -368,8 +368,7 @@ def convert(input_path, output_path, mode, merged_suffix="", max_shard_size="5GB
     return summary
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="moe_convert.py",
-                                description="Merge/split MoE experts between per-expert and stacked layouts.")
+    p = Parser(prog="moe_convert.py", description="Merge/split MoE experts between per-expert and stacked layouts.")
     p.add_argument("--input_path", "--input-path", "-i", required=True, help="checkpoint folder (safetensors)")
     p.add_argument("--output_path", "--output-path", "-o", required=True, help="new folder to write")
     p.add_argument("--mode", "-m", required=True, choices=["merge", "split"])

@@ -25,6 +25,6 @@ python train_adapt.py --out_dir "$OUT" --overwrite --max_steps "$STEPS" --seq_le
   --save_every 0 --keep_last 1 "$@"
 
 # the DiffuLLaMA sampler: on this short Shakespeare run the confidence-ordered samplers (low_confidence,
-# threshold) commit newlines first and print blank lines (README, "Sampler speed and quality")
+# threshold) commit newlines first and print blank lines (docs/sampling.md)
 python sample.py --model_name "$OUT/final" --prompt "Romeo." --gen_len 48 --diffusion_steps 32
 python sample.py --model_name "$OUT/final" --gen_len 48 --diffusion_steps 32
