@@ -13,7 +13,6 @@ The examples are cut from a plain text file (default: ../shared/data/wiki_demo.t
   generate   gsm8k-like: a 40-token question, a 64-token answer generated
 The cost of a diffusion example does not depend on training. Prints a markdown table.
 """
-import argparse
 import os
 import random
 import sys
@@ -21,18 +20,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_zeroshot as ez  # noqa: E402
+from common import Parser, at_least  # noqa: E402
 from model import DTYPES, default_device, default_dtype  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser()
-p.add_argument("--model_name", default="smollm2-135m")
-p.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "wiki_demo.txt"))
-p.add_argument("--n", type=int, default=8, help="examples per task kind")
-p.add_argument("--n_multiple", type=int, default=2, help="examples of the multiple-choice kind (4 x mc_num forwards each)")
-p.add_argument("--mc_num", type=int, default=64)
-p.add_argument("--batch_size", type=int, default=32)
-p.add_argument("--device", default=default_device())
-p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+p = Parser(prog="bench_eval.py", description=__doc__.strip())
+p.add_argument("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
+p.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "wiki_demo.txt"), help="plain text to cut examples from")
+p.add_argument("--n", type=at_least(1), default=8, help="examples per task kind")
+p.add_argument("--n_multiple", type=at_least(1), default=2, help="examples of the multiple-choice kind (4 x mc_num forwards each)")
+p.add_argument("--mc_num", type=at_least(1), default=64, help="ELBO draws per scored continuation")
+p.add_argument("--batch_size", type=at_least(1), default=32, help="sequences per forward")
+p.add_argument("--device", default=default_device(), help="cpu or cuda")
+p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
 args = p.parse_args()
 if not os.path.isfile(args.text):
     p.error(f"--text {args.text}: no such file")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from common import Parser, first_line, is_correct  # noqa: E402
+from common import Parser, at_least, first_line, is_correct  # noqa: E402
 from model import (DTYPES, SamplerSettings, add_sampler_args, build_inputs, cut_at_eos, default_device,  # noqa: E402
                    default_dtype, sample)
 
@@ -120,14 +120,14 @@ def main(argv=None):
     p = Parser(prog="bench_samplers.py", description=__doc__.strip())
     p.add_argument("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="holds wiki_demo.txt and c4_demo.json")
-    p.add_argument("--n_prompts", type=int, default=20, help="prompts per configuration")
+    p.add_argument("--n_prompts", type=at_least(1), default=20, help="prompts per configuration")
     p.add_argument("--prompts", default="corpus", choices=["corpus", "synthetic_arith"],
                    help="corpus: wiki/C4 openings; synthetic_arith: train_sft.py's test problems (adds accuracy)")
-    p.add_argument("--gen_len", type=int, default=256, help="new tokens per prompt")
+    p.add_argument("--gen_len", type=at_least(1), default=256, help="new tokens per prompt")
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations (see config(); "
                    "`flags`: the sampler flags below)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samplers")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the samplers")
     p.add_argument("--device", default=default_device(), help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
