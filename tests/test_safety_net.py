@@ -84,8 +84,8 @@ def splitmix_visible(seed, ratio, L):
     return vis
 
 
-def corpus_blocks(tok, path, L):
-    """The packed training blocks of a one-document text corpus: its tokens, then EOS, cut into L-token rows."""
+def packed_sequences(tok, path, L):
+    """The training sequences of a one-document text corpus: its tokens, then EOS, cut into rows of L."""
     ids = tok(open(path).read(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     n = len(ids) // L
     return torch.tensor(ids[:n * L]).view(n, L)
@@ -99,7 +99,7 @@ def test_step_loss_by_hand(tiny, monkeypatch):
     CE of the token at i from the logits at i - 1, weighted by 1/t, summed over both micro-steps and
     divided by the masked tokens of both. The logged gradient norm is that of this hand loss (so the
     backward weighs the micro-steps the same way)."""
-    seen = []                                          # (ratio, mask) of every annealed forward
+    seen = []                                          # (ratio, mask) of every forward that builds a mask
     real = model_py.anneal_attention_mask
 
     def spy(seq_len, ratio, *a, **kw):
@@ -117,9 +117,9 @@ def test_step_loss_by_hand(tiny, monkeypatch):
 
     tok = tiny_tokenizer(with_mask=True)
     L, B, A = 16, 2, 2
-    blocks = corpus_blocks(tok, tiny["corpus"], L)
-    order = np.random.default_rng([SEED, 0]).permutation(len(blocks))     # epoch 0's shuffle of the blocks
-    assert len(blocks) >= 2 * A * B
+    seqs = packed_sequences(tok, tiny["corpus"], L)
+    order = np.random.default_rng([SEED, 0]).permutation(len(seqs))     # epoch 0's shuffle of the sequences
+    assert len(seqs) >= 2 * A * B
     g = torch.Generator().manual_seed(SEED)
     weights = [tiny["model"], str(out / "step_000001")]
     hand_masks = []
@@ -134,7 +134,7 @@ def test_step_loss_by_hand(tiny, monkeypatch):
         total, n_total = 0.0, 0
         for k, (t, masked) in enumerate(draws):
             start = (step * A + k) * B
-            x = blocks[order[start:start + B]]
+            x = seqs[order[start:start + B]]
             if ratio > 0:                              # an annealed forward draws its mask seed
                 seed = int(torch.randint(0, 1 << 62, (1,), generator=g))
                 vis = splitmix_visible(seed, ratio, L)
@@ -226,7 +226,7 @@ def record_steps(sampler, *a, **kw):
     return states
 
 
-def test_low_confidence_commits_the_most_probable(monkeypatch):
+def test_low_confidence_commits_the_most_probable():
     """Greedy low_confidence, 8 tokens in 2 blocks of 4, 6 steps (3 per block: 2, 1, 1 tokens): each step
     commits, within the current block, the still-masked positions of highest max-probability, with their
     argmax token; nothing else changes."""
@@ -437,9 +437,11 @@ def test_one_token_loglik_is_exact(tiny, arch):
     assert [len(c) for _, c in pairs] == [1, 1, 1]
     got = scorer.loglik(pairs, greedy=True)
     for (ll, greedy), (ll_ref, greedy_ref) in zip(got, expected):
-        assert ll == pytest.approx(ll_ref, abs=1e-5) and greedy == greedy_ref
+        assert ll == pytest.approx(ll_ref, abs=1e-5)
+        assert greedy == greedy_ref
 
     lm = eval_zeroshot.DiffusionLM(scorer=scorer)
     requests = [SimpleNamespace(args=(ctx, cont)) for ctx, cont, _ in wanted]
     for (ll, greedy), (ll_ref, greedy_ref) in zip(lm.loglikelihood(requests, disable_tqdm=True), expected):
-        assert ll == pytest.approx(ll_ref, abs=1e-5) and greedy == greedy_ref
+        assert ll == pytest.approx(ll_ref, abs=1e-5)
+        assert greedy == greedy_ref
