@@ -653,13 +653,13 @@ def print_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    cpu_thread_hint(PROG, args.device or default_device())
     try:
         examples = {t: read_task(t, args) for t in args.task_list}    # every data file checked before the model loads
         scorer = Scorer(args.model_name, ar=args.ar, mc_num=args.mc_num, method=args.elbo_method, batch_size=args.batch_size,
                         seed=args.seed, dtype=args.dtype, device=args.device, settings=args.settings,
                         mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,
                         adapter_path=args.adapter_path, attn_implementation=args.attn_implementation)
+        cpu_thread_hint(PROG, args.device or default_device())   # once the input is known good
         settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list", "settings")}
         settings.update(scored_model=scorer.model_name, mode="ar" if args.ar else "diffusion")
         results = {"settings": settings, "metrics": {}, "examples": {}}

@@ -224,6 +224,16 @@ def load_diffugpt(path, base_model_name=None, dtype=torch.float32, attn_implemen
     return model
 
 
+def check_tokenizer_fits(name, tokenizer, rows):
+    """ValueError, one line, when the tokenizer can produce ids the embedding has no row for (a tokenizer swapped
+    or extended without resizing the model): else the first such id is an IndexError deep inside torch."""
+    if tokenizer is not None and len(tokenizer) > rows:
+        first = tokenizer.convert_ids_to_tokens(rows)
+        raise ValueError(f"--model_name {name}: the tokenizer has {len(tokenizer)} ids but the embedding only {rows} "
+                         f"rows (ids {rows}..{len(tokenizer) - 1}, e.g. {first!r}, have none): this tokenizer does not "
+                         f"belong to these weights (swapped or extended without resizing the embedding?)")
+
+
 def resolve_mask_token(model, tokenizer, mask_token_id=None):
     """Choose [MASK]: the tokenizer's own mask token; else `mask_token_id` (reuse an existing id, as
     DiffuLLaMA reused 811 of LLaMA); else add NEW_MASK_TOKEN to the tokenizer and the embeddings
@@ -347,8 +357,13 @@ class DiscreteDiffusionModel(nn.Module):
                                                             name_or_path != EMBEDDED_MODEL else name_or_path)
             if parent:
                 hf.config.adapted_from = parent
-        if mask_token_id is None:
-            mask_token_id = getattr(hf.config, "mask_token_id", None)
+        rows = hf.get_input_embeddings().weight.shape[0]
+        check_tokenizer_fits(name_or_path, tokenizer, rows)
+        if mask_token_id is None and getattr(hf.config, "mask_token_id", None) is not None:
+            mask_token_id = hf.config.mask_token_id
+            if not 0 <= mask_token_id < rows:
+                raise ValueError(f"{name_or_path}: config.json's mask_token_id {mask_token_id} is outside the "
+                                 f"embedding's {rows} rows")
         mask_token_id = resolve_mask_token(hf, tokenizer, mask_token_id)
         if adapter_path is not None:   # after the [MASK] row exists: an adapter may have trained the embeddings
             hf, shift = merge_adapter(hf, adapter_path, shift)

@@ -64,7 +64,6 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
-    cpu_thread_hint(PROG, device)
     try:
         model = DiscreteDiffusionModel.from_pretrained(
             args.model_name, mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,
@@ -73,6 +72,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         args.error(first_line(e))
     model.eval()
+    cpu_thread_hint(PROG, device)   # once the input is known good: the work starts here
     tok = model.tokenizer
     if tok is None:
         args.error(f"--model_name {args.model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")

@@ -54,7 +54,7 @@ import torch
 
 import trainer
 from common import DataError, Parser, at_least, field, is_correct, read_records, real
-from model import (DiscreteDiffusionModel, SamplerSettings, add_sampler_args, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
+from model import (DiscreteDiffusionModel, SamplerSettings, add_sampler_args, check_sampler_settings, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
                    maskable_positions, noise_draw, sample, start_token_id)
 from trainer import die, flag_error, log0
 
@@ -107,8 +107,8 @@ def check_sft_args(args):
     lora_flags = [f for f in ("lora_alpha", "lora_dropout", "lora_target", "modules_to_save") if getattr(args, f) is not None]
     if args.lora_r is None and (lora_flags or args.merge_lora):
         flag_error(f"--{(lora_flags or ['merge_lora'])[0]} needs --lora_r (LoRA is off without it)")
-    try:
-        SamplerSettings.from_args(args)
+    try:   # the evaluation's sampler as it will run (a --block_size run answers with the block sampler)
+        check_sampler_settings(eval_settings(args, gen_len=1))
     except ValueError as e:
         flag_error(str(e))
     if args.sampler == "block" and args.block_size is None:

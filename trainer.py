@@ -47,7 +47,8 @@ import torch
 
 from attention_patch import RING, resolve_attn_implementation
 from common import at_least, check_model_folder, first_line, real
-from model import EMBEDDED_MODEL, DiscreteDiffusionModel, default_device, default_dtype, load_tokenizer, max_positions, resolve_model_path
+from model import (EMBEDDED_MODEL, DiscreteDiffusionModel, check_tokenizer_fits, cpu_thread_hint, default_device, default_dtype, load_tokenizer,
+                   max_positions, resolve_model_path)
 
 PROG = "trainer.py"   # the script named in error lines: main() sets it for the run
 
@@ -115,6 +116,8 @@ def add_run_args(p, out_dir="out/adapt", lr=1e-4, min_lr=1e-5, warmup_steps=20, 
     a("--keep_last", type=at_least(0), default=2, help="keep the newest N checkpoints (0 = all)")
     a("--save_retries", type=at_least(0), default=0, help="retry a checkpoint write that failed (disk full, I/O error) N times")
     a("--save_retry_wait", type=real(0.0), default=60.0, help="seconds to wait before each retry of a failed checkpoint write")
+    a("--skip_nonfinite", type=at_least(0), default=0, help="skip up to N steps whose loss or gradient norm is inf/nan "
+      "(logged) before stopping; 0: stop at the first one")
     a("--out_dir", default=out_dir, help="checkpoints and log.jsonl go here")
     a("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
     a("--overwrite", action="store_true", help="replace a previous run in --out_dir (only our own files; refuses if others exist)")
@@ -170,7 +173,7 @@ def is_ours(out_dir, name, outputs=()):
     """Whether out_dir/name is a file or folder a run writes (the only things --overwrite deletes). `outputs`:
     the folders a training script writes there besides the checkpoints (train_sft.py's merged model)."""
     path = os.path.join(out_dir, name)
-    if name in ("log.jsonl", "latest", "args.json") and os.path.isfile(path):
+    if name in ("log.jsonl", "latest", "args.json", LOCK) and os.path.isfile(path):
         return True
     if name == "final":   # a folder with its manifest; a link to the last step in runs from before that
         return os.path.islink(path) or final_of(path) is not None
@@ -292,6 +295,100 @@ def find_checkpoint(out_dir):
     return None
 
 
+# One writer per out_dir: rank 0 holds <out_dir>/run.lock (its pid, host and process start time) for the whole
+# run; a second run there stops at once, whatever its flags. A lock whose process is gone (a crash, a kill -9)
+# is stale: the next run says so and takes it over.
+
+LOCK = "run.lock"
+HELD = set()   # the locks this process holds, released by main() however the run ends
+
+
+def process_start(pid):
+    """The start time of process `pid` in clock ticks since boot (Linux), or None: with the pid it tells a
+    lock's owner from a later process that got the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lock_owner(out_dir):
+    """(owner record, alive): alive is True or False on this host, None for a lock taken on another host
+    (its process cannot be checked from here). (None, False) when there is no lock."""
+    import socket
+    try:
+        with open(os.path.join(out_dir, LOCK)) as f:
+            owner = json.load(f)
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except FileNotFoundError:
+        return None, False
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"pid": "?", "host": "?", "started": "?"}, False   # unreadable: a half-written lock of a dead run
+    if host != socket.gethostname():
+        return owner, None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return owner, False
+    except PermissionError:   # alive, another user's
+        pass
+    start = owner.get("proc_start")
+    return owner, start is None or process_start(pid) in (None, start)
+
+
+def owner_text(owner):
+    return f"pid {owner['pid']} on {owner['host']}, started {owner.get('started', '?')}"
+
+
+def check_lock(out_dir):
+    """Stop if a live run holds out_dir (read-only: the lock is taken later, by take_lock)."""
+    owner, alive = lock_owner(out_dir)
+    if owner is None or owner.get("pid") == os.getpid():
+        return
+    if alive:
+        die(f"--out_dir {out_dir} is in use by a running run ({owner_text(owner)}): wait for it to end, stop it, "
+            f"or choose another folder")
+    if alive is None:
+        die(f"--out_dir {out_dir} is locked by a run on another machine ({owner_text(owner)}), which cannot be "
+            f"checked from here: if that run has ended, delete {os.path.join(out_dir, LOCK)}")
+
+
+def take_lock(out_dir):
+    """Create <out_dir>/run.lock atomically (O_EXCL: of two runs racing, one wins), taking over a stale one."""
+    import socket
+    path = os.path.join(out_dir, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": process_start(os.getpid()),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner, alive = lock_owner(out_dir)
+            if alive is not False:
+                check_lock(out_dir)
+            warn0(f"--out_dir {out_dir}: the run that held it ({owner_text(owner)}) is gone; taking over its stale lock")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        HELD.add(os.path.abspath(path))
+        return
+    die(f"--out_dir {out_dir}: cannot take {path}")
+
+
+def release_locks():
+    for path in list(HELD):
+        try:
+            with open(path) as f:
+                mine = json.load(f).get("pid") == os.getpid()
+            if mine:
+                os.remove(path)
+        except (OSError, ValueError):
+            pass
+        HELD.discard(path)
+
+
 def check_out_dir(args, outputs=()):
     """The checkpoint to resume (or None). All read-only: nothing is written or deleted until every check has
     passed."""
@@ -305,8 +402,16 @@ def check_out_dir(args, outputs=()):
         die(f"--out_dir {out}: {probe} is a file, cannot create a folder there")
     if not os.access(probe, os.W_OK | os.X_OK):
         die(f"--out_dir {out}: {probe} is not writable")
+    check_lock(out)
+    data = os.path.abspath(getattr(args, "data", None) or "")
+    if os.path.isdir(data) and os.path.abspath(out).startswith(data.rstrip(os.sep) + os.sep):
+        die(f"--out_dir {out} is inside --data {args.data}: its checkpoints and logs would be read as training "
+            f"data next time; choose an --out_dir outside it")
     if args.resume:
         ckpt = find_checkpoint(out)
+        if ckpt is None and (os.path.isfile(os.path.join(out, "trainer_state.json")) or final_of(out)):
+            die(f"--resume: --out_dir {out} is a checkpoint, not a run folder: resume with --out_dir "
+                f"{os.path.dirname(os.path.abspath(out))}")
         if ckpt is None:
             die(f"--resume: no checkpoint in --out_dir {out} (nothing to resume; run without --resume to start)")
         return ckpt
@@ -323,7 +428,7 @@ def check_out_dir(args, outputs=()):
 
 def clear_ours(out_dir, outputs=()):
     for n in os.listdir(out_dir):
-        if is_ours(out_dir, n, outputs):
+        if is_ours(out_dir, n, outputs) and n != LOCK:   # the lock is this run's own
             path = os.path.join(out_dir, n)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
@@ -413,6 +518,23 @@ def gather_full_state(raw, optimizer):
     return get_model_state_dict(raw, options=opts), get_optimizer_state_dict(raw, optimizer, options=opts)
 
 
+def last_good(out_dir):
+    """What a stopped run leaves to resume from, as words for its error line."""
+    try:
+        with open(os.path.join(out_dir, "latest")) as f:
+            return f"the last checkpoint, {os.path.join(out_dir, f.read().strip())}, is kept"
+    except OSError:
+        return "no checkpoint had been written yet"
+
+
+def first_nonfinite(named_tensors):
+    """The name of the first floating tensor holding inf or nan, or None."""
+    for name, t in named_tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world_size, retries=0, retry_wait=60.0,
                     sharded=False):
     """Rank 0 writes the checkpoint (write_checkpoint), retrying a failed write `retries` times after
@@ -427,6 +549,12 @@ def save_checkpoint(out_dir, step, raw, optimizer, state, keep_last, rank, world
         dist.all_gather_object(rngs, rng_state())
     full = gather_full_state(raw, optimizer) if sharded else None
     name, err = f"step_{step:06d}", None
+    if rank == 0:   # a checkpoint with inf/nan weights or optimizer states is never written
+        model_sd, opt_sd = (full[0], full[1]["state"]) if full is not None else (raw.state_dict(), optimizer.state_dict()["state"])
+        bad = first_nonfinite([(k.removeprefix("model."), v) for k, v in model_sd.items()] +   # the file's names
+                              [(f"optimizer state {k}.{n}", v) for k, st in opt_sd.items() for n, v in st.items()])
+        if bad is not None:
+            err, retries = f"checkpoint {name} not written: {bad} holds inf or nan (the run diverged)", -1
     if rank == 0:
         for attempt in range(retries + 1):
             try:
@@ -699,20 +827,31 @@ def start_run(parser, argv, fixed_on_resume, outputs=()):
     return args, run
 
 
+def model_error(args, e):
+    """A loading error as one line naming --model_name once (the model code's own errors often name it)."""
+    msg = first_line(e)
+    return msg if "--model_name" in msg else f"--model_name {args.model_name}: {msg}"
+
+
 def load_base_tokenizer(args):
     """The tokenizer of --model_name (before [MASK] is added), which tokenises the data; the model's positions
     bound --seq_len. Reads the config only: the weights load later (load_model)."""
     try:
         base_path = resolve_model_path(args.model_name)
         from transformers import AutoConfig
-        limit = max_positions(AutoConfig.from_pretrained(base_path))
+        config = AutoConfig.from_pretrained(base_path)
+        limit = max_positions(config)
     except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {first_line(e)}")
+        die(model_error(args, e))
     if limit is not None and args.seq_len > limit:
         die(f"--seq_len {args.seq_len} is longer than the model's {limit} positions")
     tok = load_tokenizer(base_path)
     if tok is None:
         die(f"--model_name {args.model_name}: no tokenizer found in {base_path}")
+    try:   # before the data is tokenised with it; the config's vocab_size is the embedding's rows
+        check_tokenizer_fits(args.model_name, tok, getattr(config, "vocab_size", None) or len(tok))
+    except ValueError as e:
+        die(str(e))
     return tok
 
 
@@ -732,12 +871,13 @@ def init_distributed(run):
 
 
 def prepare_out_dir(args, run):
-    """On rank 0: --overwrite clears our own files, a resumed run is no longer `final`, args.json is written.
-    Every rank waits for it."""
+    """On rank 0: the run's lock is taken, --overwrite clears our own files, a resumed run is no longer
+    `final`, args.json is written. Every rank waits for it."""
     if run.rank == 0:
-        if args.overwrite and os.path.isdir(args.out_dir):
-            clear_ours(args.out_dir, run.outputs)
         os.makedirs(args.out_dir, exist_ok=True)
+        take_lock(args.out_dir)
+        if args.overwrite:
+            clear_ours(args.out_dir, run.outputs)
         if run.ckpt is not None:
             remove_final(args.out_dir)   # the run goes on
         write_atomic(os.path.join(args.out_dir, "args.json"), json.dumps(vars(args), indent=1))
@@ -765,8 +905,10 @@ def load_model(args, run, from_checkpoint=True):
                                                          dtype=run.weight_dtype, attn_implementation=run.attn,
                                                          device=run.device)
     except (OSError, ValueError) as e:
-        die(f"--model_name {args.model_name}: {first_line(e)}")
+        die(model_error(args, e))
     raw.train()
+    if run.rank == 0:   # once the input is known good: the work starts here
+        cpu_thread_hint(PROG, run.device)
     return raw
 
 
@@ -918,7 +1060,7 @@ def train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, l
     bar = tqdm(total=args.max_steps, initial=step, disable=run.rank != 0, desc=desc, dynamic_ncols=True)
     if step >= args.max_steps:
         log0(f"--max_steps {args.max_steps}: the run in {args.out_dir} is already at step {step}, nothing to do")
-    last_val = {}
+    last_val, skipped = {}, 0
     if step == 0 and args.eval_every > 0 and (val := evaluate()):
         last_val = dict([next(iter(val.items()))])
         log({"step": 0, **val})
@@ -933,20 +1075,40 @@ def train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, l
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        optimizer.step()
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        finite = math.isfinite(rec["loss"]) and math.isfinite(gnorm)
+        if run.ddp:   # every rank decides the same: skip, stop or step
+            flag = torch.tensor([0.0 if finite else 1.0], device=run.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = flag.item() == 0.0
+        if finite:
+            optimizer.step()
+        else:   # an update with inf/nan would poison every weight: none is made, and no checkpoint holds it
+            skipped += 1
+            if skipped > args.skip_nonfinite:
+                bar.close()
+                die(f"step {step + 1}: non-finite loss or gradient (loss {rec['loss']}, grad norm {gnorm}) at lr "
+                    f"{lr:.3g}: the run diverged and stopped; {last_good(args.out_dir)}. Lower --lr, or pass "
+                    f"--skip_nonfinite N to skip up to N such steps")
+            warn0(f"step {step + 1}: non-finite loss or gradient (loss {rec['loss']}, grad norm {gnorm}) at lr "
+                  f"{lr:.3g}: step skipped, no update ({skipped} of --skip_nonfinite {args.skip_nonfinite})")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         counters.update(step=step, samples_seen=counters["samples_seen"] + samples,
                         tokens_seen=counters["tokens_seen"] + tokens)
         dt = time.perf_counter() - t0
-        rec = {"step": step, **rec, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens / dt}
+        if finite:
+            rec = {"step": step, **rec, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tokens / dt}
+        else:   # strict JSON has no NaN: the bad values go as text, and plots skip a line without a loss
+            rec = {"step": step, "skipped": "non-finite", "bad_loss": str(rec["loss"]), "bad_grad_norm": str(gnorm),
+                   "lr": lr}
         if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps) and (val := evaluate()):
             rec.update(val)
             last_val = dict([next(iter(val.items()))])
         log(rec)
-        bar.update(1)
-        bar.set_postfix({**{k: f"{rec[k]:.3f}" for k in shown if k in rec},
+        bar.set_postfix({**{k: f"{rec[k]:.3f}" for k in shown if isinstance(rec.get(k), float)},   # this step's,
                          **{k: f"{v:.3f}" for k, v in last_val.items()}, "lr": f"{lr:.1e}"}, refresh=False)
+        bar.update(1)   # then drawn: the bar's step and its values agree
         why = stop.get("signal")
         if run.ddp:  # every rank stops at the same step, whichever ranks got the signal
             flag = torch.tensor([STOP_SIGNALS.index(why) + 1 if why else 0], dtype=torch.float32, device=run.device)
@@ -999,6 +1161,7 @@ def main(prog, train_fn, argv=None):
     try:
         return train_fn(sys.argv[1:] if argv is None else argv, stop)
     finally:
+        release_locks()
         restore_handlers(handlers)
         PROG = previous
 

@@ -24,7 +24,7 @@ KERNEL_CASES = {
     "padding": (2, 4, 4, 24, 8, None, True),
     "gqa_anneal0.3_padding": (3, 4, 2, 24, 8, 0.3, True),
 }
-# float64 runs the math block kernel (the one CUDA uses for masked blocks) instead of the CPU flash kernel
+# float64 runs the math tile kernel (the one CUDA uses for masked tiles) instead of the CPU flash kernel
 MATH_CASES = ("bidirectional", "gqa_anneal0.3_padding")
 MODEL_CASES = {"llama": (1.0, True), "llama_anneal0.3": (0.3, True), "gpt2": (1.0, False),
                "gpt2_anneal0.3": (0.3, True)}   # arch[_anneal]: (ratio, left padding)

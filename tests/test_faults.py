@@ -21,9 +21,11 @@ import eval_zeroshot
 import moe_convert
 import sample
 import train_adapt as ta
+import train_sft
 import trainer
 
-SCRIPTS = {"train_adapt.py": ta, "sample.py": sample, "moe_convert.py": moe_convert, "eval_zeroshot.py": eval_zeroshot}
+SCRIPTS = {"train_adapt.py": ta, "sample.py": sample, "moe_convert.py": moe_convert, "eval_zeroshot.py": eval_zeroshot,
+           "train_sft.py": train_sft}
 
 
 # ----------------------------------------------------------------------------- damaged files
@@ -54,6 +56,11 @@ def work(setup, tmp_path_factory):
     os.rename(shard / "model.safetensors", shard / "model-00001-of-00002.safetensors")
     (shard / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         k: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+    big = copy("big_tokenizer")   # a tokenizer extended past the embedding (4 spare rows: add 6 tokens)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(big)
+    tok.add_tokens([f"extra{i}" for i in range(6)])
+    tok.save_pretrained(big)
     (d / "unreadable").mkdir()
     os.symlink(d / "gone.txt", d / "unreadable" / "a.txt")   # a data file that cannot be opened
     (d / "lambada.txt").write_text("the king said to his queen\ngood day to you my lord\n")
@@ -86,6 +93,7 @@ CASES = [
     ("train_adapt.py", ["--model_name", "{w}/empty"], r"empty: empty folder"),
     ("train_adapt.py", ["--model_name", "{w}/missing_shard"], r"index.json names model-00002-of-00002.safetensors"),
     ("train_adapt.py", ["--data", "{w}/unreadable"], r"--data .*a.txt: cannot be read"),
+    ("train_adapt.py", ["--model_name", "{w}/big_tokenizer"], r"the tokenizer has \d+ ids but the embedding only \d+ rows"),
     ("sample.py", ["--gen_len", "0"], r"--gen_len must be >= 1"),
     ("sample.py", ["--topp_temp", "1.5"], r"--topp_temp must be in \(0, 1\]"),
     ("sample.py", ["--logits_temp", "0"], r"--logits_temp must be > 0"),
@@ -95,6 +103,7 @@ CASES = [
     ("sample.py", ["--mask_token_id", "-1"], r"--mask_token_id must be >= 0"),
     ("sample.py", ["--block_length", "0"], r"--block_length must be >= 1"),
     ("sample.py", ["--output", "{w}/no_such_folder/out.jsonl"], r"--output .*its folder does not exist"),
+    ("sample.py", ["--model_name", "{w}/big_tokenizer"], r"the tokenizer has \d+ ids but the embedding only \d+ rows"),
     ("sample.py", ["--model_name", "{w}/truncated"], r"truncated/model.safetensors: truncated"),
     ("sample.py", ["--model_name", "{w}/not_safetensors"], r"model.safetensors: not a safetensors"),
     ("sample.py", ["--model_name", "{w}/bad_config"], r"config.json: not valid JSON"),
@@ -112,6 +121,8 @@ CASES = [
     ("eval_zeroshot.py", ["--model_name", "{w}/truncated"], r"truncated/model.safetensors: truncated"),
     ("eval_zeroshot.py", ["--model_name", "{w}/bad_config"], r"config.json: not valid JSON"),
     ("eval_zeroshot.py", ["--model_name", "{w}/missing_shard"], r"names model-00002-of-00002.safetensors"),
+    ("eval_zeroshot.py", ["--model_name", "{w}/big_tokenizer"], r"the tokenizer has \d+ ids but the embedding only \d+ rows"),
+    ("train_sft.py", ["--model_name", "{w}/big_tokenizer"], r"the tokenizer has \d+ ids but the embedding only \d+ rows"),
     ("moe_convert.py", ["--max_shard_size", "0"], r"invalid size '0': must be at least 1 byte"),
     ("moe_convert.py", ["-i", "{w}/truncated"], r"truncated/model.safetensors: truncated"),
     ("moe_convert.py", ["-i", "{w}/not_safetensors"], r"model.safetensors: not a safetensors"),
@@ -129,6 +140,9 @@ def base_args(script, setup, w):
     if script == "sample.py":
         return ["--model_name", setup["model"], "--prompt", "the king", "--gen_len", "4", "--diffusion_steps", "2",
                 "--output", str(w / "samples.jsonl")]
+    if script == "train_sft.py":
+        return ["--model_name", setup["model"], "--data", "synthetic_arith", "--synthetic_n", "8", "--max_steps", "1", "--seq_len", "64",
+                "--out_dir", out]
     if script == "eval_zeroshot.py":
         return ["--model_name", setup["model"], "--tasks", "lambada", "--data_path", str(w / "lambada.txt"),
                 "--mc_num", "2", "--output", str(w / "results.json"), "--no_progress"]
@@ -399,3 +413,168 @@ def test_sigterm_two_ranks(setup, tmp_path, started):
     assert train_curve(read_log(out)) == train_curve(read_log(ref))
     a, b = load_weights(out / "final"), load_weights(ref / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- a run that diverges
+
+WORKER = os.path.join(ROOT, "tests", "nonfinite_worker.py")
+
+
+def finite_checkpoints(out):
+    """Every step_* checkpoint on disk: its weights and optimizer states all finite."""
+    from safetensors.torch import load_file
+    names = sorted(n for n in os.listdir(out) if n.startswith("step_"))
+    for n in names:
+        for f in ("model.safetensors", "optimizer.safetensors"):
+            assert all(bool(torch.isfinite(v).all()) for v in load_file(str(out / n / f)).values()), (n, f)
+    return names
+
+
+def diverge_args(setup, out, *extra):
+    return common(setup, out, "--max_steps", "6", "--save_every", "2", "--keep_last", "1", "--eval_every", "0", *extra)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, ranks):
+    """nan at step 5: non-zero exit, one error line naming the step, the loss and the learning rate; the step-4
+    checkpoint (the last good one, --keep_last 1) is still there, nothing after it was written, all finite."""
+    out = tmp_path / "run"
+    cmd = ([sys.executable, WORKER] if ranks == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER])
+    r = subprocess.run(cmd + diverge_args(setup, out), env=dict(subprocess_env(), DLM_NAN_STEPS="5"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train_adapt.py: error:")]
+    assert lines and len(set(lines)) == 1 and "Traceback" not in r.stderr.split(lines[0])[0] or ranks == 2, r.stderr
+    assert re.search(r"step 5: non-finite loss or gradient \(loss nan, grad norm nan\) at lr [0-9.e-]+: the run "
+                     r"diverged and stopped; the last checkpoint, .*step_000004, is kept", lines[0]), lines[0]
+    assert finite_checkpoints(out) == ["step_000004"] and not os.path.exists(out / "final")
+    assert open(out / "latest").read().strip() == "step_000004"
+    assert max(rec["step"] for rec in read_log(out)) == 4 and not os.path.exists(out / trainer.LOCK)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_skip_nonfinite_goes_on_past_one_bad_step(setup, tmp_path, ranks):
+    """--skip_nonfinite 1 with nan at step 3: the step makes no update, its log line says so, the run ends;
+    the weights after step 3 are those of step 2 updated by steps 4-6 only, all finite."""
+    out = tmp_path / "run"
+    cmd = ([sys.executable, WORKER] if ranks == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER])
+    r = subprocess.run(cmd + diverge_args(setup, out, "--skip_nonfinite", "1", "--keep_last", "0"),
+                       env=dict(subprocess_env(), DLM_NAN_STEPS="3"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 3: non-finite loss or gradient (loss nan, grad norm nan)" in r.stderr and "step skipped" in r.stderr
+    log = read_log(out)
+    assert [rec for rec in log if rec["step"] == 3] == [
+        {"step": 3, "skipped": "non-finite", "bad_loss": "nan", "bad_grad_norm": "nan", "lr": log[2]["lr"]}]
+    assert [rec["step"] for rec in log if "loss" in rec] == [1, 2, 4, 5, 6]
+    assert finite_checkpoints(out) == ["step_000002", "step_000004", "step_000006"]
+    assert trainer.final_of(out / "final") == "step_000006"
+
+
+def test_two_bad_steps_exceed_skip_nonfinite(setup, tmp_path, monkeypatch):
+    """In process: the second bad step past --skip_nonfinite 1 stops the run (SystemExit naming step 4)."""
+    real, calls = ta.diffusion_loss, []
+
+    def nan_at_2_and_4(*a, **kw):
+        out = real(*a, **kw)
+        if kw.get("generator") is not None:
+            calls.append(1)
+            if len(calls) in (2, 4):
+                return (out[0] * float("nan"),) + tuple(out[1:])
+        return out
+    monkeypatch.setattr(ta, "diffusion_loss", nan_at_2_and_4)
+    with pytest.raises(SystemExit, match=r"step 4: non-finite .* the last checkpoint, .*step_000002, is kept"):
+        ta.main(diverge_args(setup, tmp_path / "run", "--skip_nonfinite", "1"))
+    assert finite_checkpoints(tmp_path / "run") == ["step_000002"]
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_never_written(setup, tmp_path):
+    """save_checkpoint with an inf weight: one line naming the tensor, no folder, `latest` and the previous
+    checkpoint unchanged (rotation does not run)."""
+    from model import DiscreteDiffusionModel
+    raw = DiscreteDiffusionModel.from_pretrained(setup["model"])
+    opt = torch.optim.AdamW(raw.parameters())
+    state = {"step": 1, "samples_seen": 0, "tokens_seen": 0, "args": {}}
+    out = tmp_path / "run"
+    out.mkdir()
+    trainer.save_checkpoint(str(out), 1, raw, opt, state, 1, 0, 1)
+    with torch.no_grad():
+        raw.model.get_input_embeddings().weight[3, 0] = float("inf")
+    with pytest.raises(SystemExit, match=r"checkpoint step_000002 not written: model\.embed_tokens\.weight holds inf "
+                                         r"or nan \(the run diverged\); the previous checkpoint and `latest` are unchanged"):
+        trainer.save_checkpoint(str(out), 2, raw, opt, {**state, "step": 2}, 1, 0, 1)
+    assert sorted(os.listdir(out)) == ["latest", "step_000001"] and open(out / "latest").read() == "step_000001\n"
+
+
+# ----------------------------------------------------------------------------- one writer per out_dir
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to tell a live owner")
+def test_second_run_on_a_busy_out_dir_refuses(setup, tmp_path, started, capsys):
+    """While a run trains (frozen with SIGSTOP, so it cannot end first), a second run on its --out_dir stops at
+    once with a line naming it, for --resume, --overwrite and no flag, and changes nothing; once the first is
+    killed (-9), its lock is stale: --resume says so and continues."""
+    out = tmp_path / "run"
+    proc = started([sys.executable, os.path.join(ROOT, "train_adapt.py")] + signal_args(setup, out) +
+                   ["--save_every", "2"])
+    end = time.time() + 120
+    while proc.poll() is None and time.time() < end and not os.path.exists(out / "latest"):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    owner = json.load(open(out / trainer.LOCK))
+    assert owner["pid"] == proc.pid
+    before = tree(out)
+    for flag in (["--resume"], ["--overwrite"], []):
+        with pytest.raises(SystemExit, match=rf"--out_dir .* is in use by a running run \(pid {proc.pid} on "):
+            ta.main(signal_args(setup, out) + flag)
+    assert tree(out) == before
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    capsys.readouterr()
+    ta.main(["--out_dir", str(out), "--resume", "--max_steps", "4"])
+    err = capsys.readouterr().err
+    assert f"the run that held it (pid {proc.pid} on" in err and "taking over its stale lock" in err
+    assert trainer.final_of(out / "final") == "step_000004" and not os.path.exists(out / trainer.LOCK)
+
+
+def test_lock_of_another_machine_or_a_reused_pid(setup, tmp_path):
+    """A lock taken on another host cannot be checked: refuse, naming the file to delete. A lock whose pid is
+    alive but belongs to a later process (another start time) is stale."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / trainer.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(SystemExit, match=r"locked by a run on another machine \(pid 1 on elsewhere, started then\).*"
+                                         r"delete .*run.lock"):
+        ta.main(common(setup, out, "--max_steps", "1", "--overwrite"))
+    import socket
+    me = os.getppid()   # alive, but not the process that wrote the lock
+    (out / trainer.LOCK).write_text(json.dumps({"pid": me, "host": socket.gethostname(), "started": "then",
+                                                "proc_start": -1}))
+    ta.main(common(setup, out, "--max_steps", "1", "--overwrite"))
+    assert trainer.final_of(out / "final") == "step_000001" and not os.path.exists(out / trainer.LOCK)
+
+
+# ----------------------------------------------------------------------------- other mistakes
+
+def test_out_dir_inside_the_data_folder_or_a_checkpoint(setup, tmp_path, six_steps):
+    """--out_dir inside a --data folder (its checkpoints would be read as data next time) and --resume given a
+    checkpoint folder instead of its run folder: one line each, naming what to do, nothing written."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    shutil.copy(setup["corpus"], data / "a.txt")
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit, match=r"--out_dir .*corpus/run is inside --data .*corpus: its checkpoints"):
+        ta.main(common(setup, data / "run", "--max_steps", "1")[:2] + ["--data", str(data), "--out_dir", str(data / "run")])
+    assert tree(tmp_path) == before
+    for ckpt in ("final", "step_000006"):
+        with pytest.raises(SystemExit, match=rf"--out_dir .*{ckpt} is a checkpoint, not a run folder: resume with "
+                                             rf"--out_dir {re.escape(str(six_steps))}$"):
+            ta.main(["--out_dir", str(six_steps / ckpt), "--resume"])
+
+
+def test_training_from_a_run_folder_takes_its_final_checkpoint(setup, tmp_path, six_steps, capsys):
+    """train_sft.py --model_name <a train_adapt.py run folder> fine-tunes its final checkpoint, and says so."""
+    out = tmp_path / "sft"
+    train_sft.main(["--model_name", str(six_steps), "--data", "synthetic_arith", "--synthetic_n", "8",
+                    "--max_steps", "1", "--seq_len", "64", "--eval_every", "0", "--out_dir", str(out)])
+    assert f"{six_steps}" in capsys.readouterr().err and trainer.final_of(out / "final") == "step_000001"

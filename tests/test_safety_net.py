@@ -28,15 +28,10 @@ from conftest import WORDS, save_tiny_ar, tiny_causal_lm, tiny_tokenizer
 import attention_patch
 import model as model_py
 import train_adapt
+from test_train_adapt import single_process  # noqa: F401 (autouse fixture: one process)
 
 EPS = 1e-3              # t ~ U(EPS, 1), as the objective is specified
 SEED = 1337
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.fixture(scope="module")
