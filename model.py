@@ -941,12 +941,19 @@ def transfer_schedule(n_masked, steps):
     return base + extra.long()
 
 
-def commit_counts(conf, still, threshold=None, factor=None):
+def commit_counts(conf, still, threshold=None, factor=None, gamma=None, entropy=None):
     """How many tokens each row commits in a parallel-decoding step ([B]), from the confidences of its
     still-masked positions (conf [B, L], -inf elsewhere): every one at or above `threshold`, or with
-    `factor` f the largest n whose n-th highest confidence c_n has (n + 1) * (1 - c_n) < f; at least one
+    `factor` f the largest n whose n-th highest confidence c_n has (n + 1) * (1 - c_n) < f, or with
+    `gamma` (EB-sampler; `entropy` [B, L] of the predictive distributions) the largest n whose n most
+    confident positions have entropies summing, less the largest of them, to at most gamma; at least one
     per row that has any left."""
-    if factor is not None:
+    if gamma is not None:
+        c, order = conf.sort(dim=1, descending=True)
+        h = entropy.gather(1, order).masked_fill(c == float("-inf"), 0.0)
+        # sum - max over a growing prefix never decreases (entropies are >= 0), so the n that pass form a prefix
+        k = ((h.cumsum(1) - h.cummax(1).values <= gamma) & (c > float("-inf"))).sum(1)
+    elif factor is not None:
         c = conf.sort(dim=1, descending=True).values
         n = torch.arange(1, conf.shape[1] + 1, device=conf.device)
         k = (((n + 1) * (1 - c) < factor) & (c > float("-inf"))).sum(1)
@@ -977,6 +984,14 @@ def propose(x, still, logits, temperature, remasking, generator=None):
     return proposal, conf
 
 
+def entropies(logits, still):
+    """The entropy (nats) of each position's predictive distribution softmax(logits) (logits [N, V] for the
+    positions `still`, row-major), as [B, L] (0 off `still`): what the EB rule bounds."""
+    h = torch.zeros(still.shape, device=logits.device)
+    h[still] = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)
+    return h
+
+
 def commit_top(conf, counts, still):
     """The `counts[b]` most confident positions of each row, within `still`."""
     commit = torch.zeros_like(still)
@@ -1002,7 +1017,7 @@ def apply_commit(x, proposal, conf, counts, still, pending, todo, eos=None):
 
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
-                   remasking="low_confidence", threshold=0.9, factor=None, cache="none", cache_refresh=0,
+                   remasking="low_confidence", threshold=0.9, factor=None, gamma=None, cache="none", cache_refresh=0,
                    stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
     into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
@@ -1012,14 +1027,25 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     whose confidence is at least `threshold` (or, with `factor`, by the factor rule; see commit_counts),
     at least one, and the block ends when it is full: its share of the steps is only an upper bound
     (its last allowed step commits whatever is left); without a cache each row of a batch moves on as
-    soon as its own block is full.
+    soon as its own block is full. `eb` (EB-sampler, Ben-Hamu et al. 2025) is the same with the count
+    of the entropy bound `gamma` (see commit_counts): among the block's masked positions in order of
+    confidence, the longest run whose entropies sum, less the largest, to at most gamma.
     `cache` (`prefix` or `dual`, see refresh_cache): the first step of each block runs the whole sequence
     and caches keys/values; the block's other steps recompute only the block and what follows it
     (`prefix`) or only the block (`dual`). `cache_refresh` N > 0 also refreshes every N steps.
     `stop_at_eos`: a finished row (see stop_rows_at_eos) is filled with EOS and leaves the forward, and a
     block with nothing left in any row is skipped."""
-    if remasking not in ("low_confidence", "random", "threshold"):
-        raise ValueError(f"remasking must be 'low_confidence', 'random' or 'threshold', got {remasking!r}")
+    if remasking not in ("low_confidence", "random", "threshold", "eb"):
+        raise ValueError(f"remasking must be 'low_confidence', 'random', 'threshold' or 'eb', got {remasking!r}")
+    if remasking == "eb" and gamma is None:
+        raise ValueError("remasking 'eb' needs gamma (the entropy bound)")
+    adaptive = remasking in ("threshold", "eb")            # how many a step commits depends on the predictions
+
+    def adaptive_counts(conf, still, logits):
+        if remasking == "eb":
+            return commit_counts(conf, still, gamma=gamma, entropy=entropies(logits, still))
+        return commit_counts(conf, still, threshold, factor)
+
     x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
     generator = per_row(generator, x.shape[0])
     rank = todo.long().cumsum(1) - 1                       # order of each generated position in its row
@@ -1030,7 +1056,7 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     block_steps = transfer_schedule(torch.tensor([steps]), n_blocks)[0].tolist()
     pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
     step = 0
-    if remasking == "threshold" and cache == "none":
+    if adaptive and cache == "none":
         # Each row moves to its next block as soon as its own block is full, so a batch runs as many steps
         # as its slowest row needs in all, not the sum over blocks of the slowest row in each. Every row
         # gets exactly the steps it would get alone. (With a cache the rows share the cached window, so
@@ -1046,8 +1072,9 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                 continue
             if not still.any():
                 return x
-            proposal, conf = propose(x, still, _step_logits(model, x, att, still), temperature, remasking, generator)
-            counts = torch.where(used == limit[cur] - 1, still.sum(1), commit_counts(conf, still, threshold, factor))
+            logits = _step_logits(model, x, att, still)
+            proposal, conf = propose(x, still, logits, temperature, remasking, generator)
+            counts = torch.where(used == limit[cur] - 1, still.sum(1), adaptive_counts(conf, still, logits))
             x = apply_commit(x, proposal, conf, counts, still, pending, todo, eos)
             used, step = used + 1, step + 1
             if callback is not None:
@@ -1059,7 +1086,7 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
         block = still.clone()
         schedule = transfer_schedule(still.sum(1), block_steps[blk])
         for i in range(block_steps[blk]):
-            if remasking == "threshold" and not still.any():
+            if adaptive and not still.any():
                 break                                      # the block is full: its remaining steps are not needed
             if still.any():
                 if cache == "none":
@@ -1069,8 +1096,8 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
                 else:
                     logits = cached_step_logits(model, x, still, state)
                 proposal, conf = propose(x, still, logits, temperature, remasking, generator)
-                if remasking == "threshold":
-                    counts = still.sum(1) if i == block_steps[blk] - 1 else commit_counts(conf, still, threshold, factor)
+                if adaptive:
+                    counts = still.sum(1) if i == block_steps[blk] - 1 else adaptive_counts(conf, still, logits)
                 else:
                     counts = schedule[:, i]
                 x = apply_commit(x, proposal, conf, counts, still, pending, todo, eos)
@@ -1165,21 +1192,24 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
 # sampler settings: the flags defined once (sample.py, eval_zeroshot.py, train_sft.py's evaluation, the
 # benchmarks), one object passed whole to sample(), the rules between flags in one function
 
-SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block")
+SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block", "eb")
 
 SAMPLER_FLAGS = {   # field: (argparse type, also applied to values given from Python; --help)
     "sampler": (one_of(SAMPLERS), "diffullama: DiffuLLaMA's (each masked position revealed with probability 1/t); "
                 "low_confidence / random: LLaDA's semi-AR blocks, committing the most confident / random positions; "
-                "threshold: Fast-dLLM's parallel decoding; block: block-diffusion models"),
+                "threshold: Fast-dLLM's parallel decoding; block: block-diffusion models; eb: EB-sampler's "
+                "entropy-bounded parallel decoding"),
     "diffusion_steps": (at_least(1), "denoising steps (unset: one per generated token)"),
     "logits_temp": (real(0.0, strict=True), "diffullama: softmax temperature"),
     "topp_temp": (real(0.0, strict=True, at_most=1.0), "diffullama: top-p (1 = off)"),
-    "block_length": (at_least(1), "low_confidence/random/threshold: semi-AR block length (unset: the whole "
+    "block_length": (at_least(1), "low_confidence/random/threshold/eb: semi-AR block length (unset: the whole "
                      "span); block: its block length (unset: the model's block_size)"),
-    "temperature": (real(0.0), "low_confidence/random/threshold/block: Gumbel temperature (0 = greedy)"),
+    "temperature": (real(0.0), "low_confidence/random/threshold/eb/block: Gumbel temperature (0 = greedy)"),
     "threshold": (real(0.0, strict=True, at_most=1.0), "threshold: commit every position at least this confident"),
     "factor": (real(0.0, strict=True), "threshold: commit by the factor rule (n + 1)(1 - c_n) < factor instead of --threshold"),
-    "cache": (one_of(CACHE_MODES), "low_confidence/random/threshold: Fast-dLLM's approximate KV cache of what "
+    "gamma": (real(0.0), "eb: the entropy bound (nats): commit the most confident positions while their entropies "
+              "sum, less the largest, to at most gamma (0 = one token a step, as low_confidence)"),
+    "cache": (one_of(CACHE_MODES), "low_confidence/random/threshold/eb: Fast-dLLM's approximate KV cache of what "
               "comes before the block (prefix) or before and after it (dual); block caches exactly by itself"),
     "stop_at_eos": (None, "a row that has written EOS (and every token before it) stops there"),
 }
@@ -1197,6 +1227,7 @@ class SamplerSettings:
     temperature: float = 0.0
     threshold: float = 0.9
     factor: Optional[float] = None
+    gamma: float = 0.5
     cache: str = "none"
     stop_at_eos: bool = False
 
@@ -1247,7 +1278,7 @@ def check_sampler_settings(s, config=None):
     call it before the model loads (SamplerSettings.from_args); sample() calls it again with the model's
     config, for what depends on the model (a block_size for --sampler block)."""
     if s.cache != "none" and s.sampler == "diffullama":
-        raise ValueError("--cache works with the block samplers (low_confidence, random, threshold), not diffullama")
+        raise ValueError("--cache works with the block samplers (low_confidence, random, threshold, eb), not diffullama")
     if s.cache != "none" and s.sampler == "block":
         raise ValueError("--cache: the block sampler always caches the finished blocks (exactly): leave --cache none")
     if s.factor is not None and s.sampler != "threshold":
@@ -1275,7 +1306,7 @@ def sample(model, batch, settings, generator=None, callback=None):
                               callback=callback)
     return generate_llada(model, **batch, steps=steps, block_length=s.block_length or batch["input_ids"].shape[1],
                           temperature=s.temperature, remasking=s.sampler, threshold=s.threshold, factor=s.factor,
-                          cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator, callback=callback)
+                          gamma=s.gamma, cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator, callback=callback)
 
 
 def cpu_thread_hint(prog, device="cpu"):
