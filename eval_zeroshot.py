@@ -1,6 +1,7 @@
 """
 Zero-shot evaluation of a diffusion LM beside its AR parent, on the DiffuGPT/DiffuLLaMA suite
-(LAMBADA, HellaSwag, Winogrande, PIQA, SIQA, ROCStories, TriviaQA, GSM8K), from local files.
+(LAMBADA, HellaSwag, Winogrande, PIQA, SIQA, ROCStories, TriviaQA, GSM8K), ARC-Easy/Challenge and
+WikiText perplexity, from local files.
 
     python eval_zeroshot.py --model_name out/adapt --tasks lambada --data_path ../shared/data/lambada_test.txt
     python eval_zeroshot.py --model_name out/adapt --tasks lambada --data_path ../shared/data/lambada_test.txt --ar
@@ -8,6 +9,7 @@ Zero-shot evaluation of a diffusion LM beside its AR parent, on the DiffuGPT/Dif
     python eval_zeroshot.py --model_name out/sft --tasks gsm8k --data_dir ../shared/data --sampler threshold \
         --block_length 32 --cache dual                                # any sampler and cache for the generative tasks
     python eval_zeroshot.py --model_name M --tasks hellaswag,piqa --data_dir data/ --mc_num 64 --output results.json
+    python eval_zeroshot.py --model_name M --tasks wikitext --data_dir ../shared/data --ppl_window 1024 --ppl_stride 512
     python eval_zeroshot.py --model_name M --lm_eval_tasks my_task --lm_eval_include tasks/     # through lm-eval
 
 --model_name takes what sample.py takes: a run folder (its `final` checkpoint, else the newest), a model
@@ -37,16 +39,22 @@ from tqdm import tqdm
 from attention_patch import resolve_attn_implementation
 from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, normalize_answer,
                     read_records)
-from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, cpu_thread_hint,
-                   cut_at_eos, default_device, default_dtype, elbo_loglik, hub_failure, layout_rows, load_tokenizer, max_positions,
+from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, elbo_draws, add_sampler_args, cpu_thread_hint,
+                   cut_at_eos, default_device, default_dtype, hub_failure, layout_rows, load_tokenizer, max_positions,
                    pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
 PROG = "eval_zeroshot.py"
 # the evaluation's sampler: greedy low_confidence, one token per step (the flags' defaults here, and the Scorer's)
 EVAL_SAMPLER = dict(sampler="low_confidence", diffusion_steps=None)
-TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "rocstories", "triviaqa", "gsm8k")
+TASKS = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "arc_easy", "arc_challenge", "rocstories", "triviaqa",
+         "gsm8k", "wikitext")
+MC_TASKS = ("hellaswag", "winogrande", "piqa", "siqa", "arc_easy", "arc_challenge")   # scored choices
 # --data_dir DIR reads DIR/<name>.<ext>, the first name and extension found
-DATA_FILES = {t: [t] for t in TASKS} | {"lambada": ["lambada", "lambada_test"], "gsm8k": ["gsm8k", "gsm8k_test"]}
+DATA_FILES = {t: [t] for t in TASKS} | {"lambada": ["lambada", "lambada_test"], "gsm8k": ["gsm8k", "gsm8k_test"],
+                                        "wikitext": ["wikitext", "wikitext2_test", "wikitext_test"]}
+# wikitext: windows of at most this many tokens (capped at the model's positions), each scoring
+# --ppl_stride new tokens (default window - 1: disjoint windows, each token after 1 to window - 1 others)
+PPL_WINDOW = 1024
 EXTENSIONS = (".jsonl", ".json", ".csv", ".txt")
 # the usual public copy of each task (datasets.load_dataset), used with --download
 HF_SOURCES = {"lambada": ("EleutherAI/lambada_openai", "default", "test"),
@@ -54,7 +62,9 @@ HF_SOURCES = {"lambada": ("EleutherAI/lambada_openai", "default", "test"),
               "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
               "piqa": ("ybisk/piqa", None, "validation"), "siqa": ("allenai/social_i_qa", None, "validation"),
               "triviaqa": ("mandarjoshi/trivia_qa", "rc.nocontext", "validation"),
-              "gsm8k": ("openai/gsm8k", "main", "test")}
+              "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+              "gsm8k": ("openai/gsm8k", "main", "test"),
+              "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")}
 
 
 # -----------------------------------------------------------------------------
@@ -68,12 +78,28 @@ def find_data_file(task, data_dir):
     return None
 
 
+def wikitext_articles(text):
+    """WikiText raw text -> one {"page": article} per top-level heading line (" = Title = "), as in
+    the document-level copy lm-eval reads; text before the first heading is an article of its own."""
+    starts = [m.start() for m in re.finditer(r"^ = [^=].* = *$", text, flags=re.M)]
+    cuts = ([0] if not starts or text[:starts[0]].strip() else []) + starts + [len(text)]
+    pages = [text[a:b].strip("\n") for a, b in zip(cuts, cuts[1:])]
+    return [{"page": p} for p in pages if p.strip()]
+
+
+def read_task_file(task, path):
+    if task == "wikitext" and path.endswith(".txt"):   # the whole text, cut into articles (not one record a line)
+        with open(path, encoding="utf-8") as f:
+            return wikitext_articles(f.read())
+    return read_records(path)
+
+
 def load_task_records(task, data_path=None, data_dir=None, download=False):
     if data_path:
-        return read_records(data_path), data_path
+        return read_task_file(task, data_path), data_path
     path = find_data_file(task, data_dir) if data_dir else None
     if path:
-        return read_records(path), path
+        return read_task_file(task, path), path
     wanted = " or ".join(f"{n}{{{','.join(EXTENSIONS)}}}" for n in DATA_FILES[task])
     where = f"--data_dir {data_dir} has no {wanted}" if data_dir else f"no data for task {task}"
     if not download or task not in HF_SOURCES:
@@ -97,6 +123,21 @@ def hellaswag_clean(text):
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
+ARC_LETTERS, ARC_DIGITS = "ABCDE", "12345"
+
+
+def arc_gold(key, labels, path, i):
+    """The index of answerKey among the choice labels; a key and labels written one as letters A-E,
+    the other as digits 1-5 (some ARC questions number their choices) are matched by position."""
+    key, labels = str(key).strip(), [str(lab).strip() for lab in labels]
+    for a, b in ((ARC_DIGITS, ARC_LETTERS), (ARC_LETTERS, ARC_DIGITS)):
+        if key not in labels and key in a and len(key) == 1:
+            key = b[a.index(key)]
+    if key not in labels:
+        raise DataError(f"{path} record {i}: answerKey {key!r} is none of the choice labels {labels}")
+    return labels.index(key)
+
+
 def make_example(task, r, path, i, infill_sentence=4):
     f = lambda *names: field(r, *names, path=path, i=i)
     if task == "lambada":
@@ -105,7 +146,7 @@ def make_example(task, r, path, i, infill_sentence=4):
             raise DataError(f"{path} record {i}: a LAMBADA passage needs at least two words")
         ctx, word = text.rsplit(" ", 1)
         return {"context": ctx, "target": " " + word, "word": word}
-    if task in ("hellaswag", "piqa", "siqa", "winogrande"):
+    if task in MC_TASKS:
         if task == "hellaswag":
             ctx = hellaswag_clean(f("activity_label") + ": " + f("ctx_a") + " " + str(f("ctx_b")).capitalize())
             endings = f("endings")
@@ -120,6 +161,17 @@ def make_example(task, r, path, i, infill_sentence=4):
             ctx = f"Question: {f('context')} {f('question')}\nAnswer:"
             pairs = [(ctx, " " + f(k)) for k in ("answerA", "answerB", "answerC")]
             gold = int(f("label")) - 1
+        elif task in ("arc_easy", "arc_challenge"):
+            choices = f("choices")
+            choices = json.loads(choices) if isinstance(choices, str) else choices
+            if not isinstance(choices, dict):
+                raise DataError(f"{path} record {i}: 'choices' must be {{\"text\": [...], \"label\": [...]}}")
+            texts, labels = field(choices, "text", path=path, i=i), field(choices, "label", path=path, i=i)
+            if len(texts) != len(labels):
+                raise DataError(f"{path} record {i}: {len(texts)} choice texts but {len(labels)} labels")
+            ctx = f"Question: {f('question')}\nAnswer:"
+            pairs = [(ctx, " " + t) for t in texts]
+            gold = arc_gold(f("answerKey"), labels, path, i)
         else:  # winogrande: the option fills the blank; the rest of the sentence is scored (partial scoring)
             sentence = f("sentence")
             if "_" not in sentence:
@@ -151,6 +203,9 @@ def make_example(task, r, path, i, infill_sentence=4):
             ans = [ans["value"]] + list(ans.get("aliases", []))
         ans = [ans] if isinstance(ans, str) else list(ans)
         return {"context": f"Question: {f('question')}?\nAnswer:", "answers": ans}
+    if task == "wikitext":
+        text = str(f("page", "text"))
+        return {"text": text, "words": len(text.split()), "bytes": len(text.encode("utf-8"))}
     if task == "gsm8k":
         out = str(f("output", "answer"))
         gold = gsm8k_number(out)
@@ -158,6 +213,28 @@ def make_example(task, r, path, i, infill_sentence=4):
             raise DataError(f"{path} record {i}: the answer has no '#### <number>'")
         return {"context": f"Question: {f('instruction', 'question')}\nAnswer:", "target": " " + out, "answer": gold}
     raise DataError(f"--tasks: unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+# -----------------------------------------------------------------------------
+# perplexity windows
+
+def rolling_windows(ids, start, window, stride):
+    """Cut a text's token ids into (context, targets) pairs that score every token once: the first pair
+    is [start] and the first window - 1 tokens; each next one scores the next `stride` tokens after
+    the window - stride tokens before them (the last one: as many as fill the window). No pair is
+    longer than `window`; stride window - 1 gives lm-eval's rolling windows."""
+    x, out, p = [start] + list(ids), [], 0
+    while p < len(ids):
+        n = min(window - 1 if p == 0 else stride, len(ids) - p)
+        out.append((x[max(0, p + 1 - (window - n)):p + 1], x[p + 1:p + 1 + n]))
+        p += n
+    return out
+
+
+def perplexities(loglik, tokens, words, n_bytes):
+    """exp of the mean negative log-likelihood per token and per word, and bits per UTF-8 byte."""
+    return {"token_perplexity": math.exp(-loglik / tokens), "word_perplexity": math.exp(-loglik / words),
+            "bits_per_byte": -loglik / (n_bytes * math.log(2))}
 
 
 # -----------------------------------------------------------------------------
@@ -314,36 +391,79 @@ class Scorer:
         estimate for diffusion. With greedy=True also whether greedy decoding gives the continuation.
         Returns a list of (loglik, is_greedy or None)."""
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        seqs = [c + t for c, t in pairs]
+        for i, q in enumerate(seqs):
+            self.check_length(len(q), f"example {i}")
+        if not self.ar:
+            ll = self.elbo(seqs, [len(t) for _, t in pairs], progress)
+            gr = [None] * len(pairs)
+            for s in range(0, len(order) if greedy else 0, self.batch_size):
+                idx = order[s:s + self.batch_size]
+                ids, att = self._pad([seqs[i] for i in idx])
+                tm = self.target_mask(ids, [len(pairs[i][1]) for i in idx])
+                pred = self.fill(ids, tm, att)
+                for b, i in enumerate(idx):
+                    gr[i] = bool((pred[b][tm[b]] == ids[b][tm[b]]).all())
+            return list(zip(ll, gr))
         out = [None] * len(pairs)
-        rows = self.batch_size if self.ar else max(1, self.batch_size * 4 // self.mc_num)
-        for s in range(0, len(order), rows):
-            idx = order[s:s + rows]
-            seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-            for i, q in zip(idx, seqs):
-                self.check_length(len(q), f"example {i}")
-            ids, att = self._pad(seqs)
-            L = ids.shape[1]
-            tm = torch.zeros_like(ids, dtype=torch.bool)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            ids, att = self._pad([seqs[i] for i in idx])
+            k = max(len(pairs[i][1]) for i in idx)          # the LM head runs on the last k + 1 positions only
+            logits = self.model(input_ids=ids, attention_mask=att, position_ids=positions_from_mask(att),
+                                logits_to_keep=k + 1).logits[:, :-1].float()
+            tgt, tm = ids[:, ids.shape[1] - k:], self.target_mask(ids, [len(pairs[i][1]) for i in idx])[:, ids.shape[1] - k:]
+            logp = F.log_softmax(logits, -1).gather(-1, tgt[:, :, None]).squeeze(-1)
+            hit = logits.argmax(-1) == tgt
             for b, i in enumerate(idx):
-                tm[b, L - len(pairs[i][1]):] = True
-            if self.ar:
-                logits = self.model(input_ids=ids, attention_mask=att, position_ids=positions_from_mask(att)).logits.float()
-                logp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-                hit = logits[:, :-1].argmax(-1) == ids[:, 1:]
-                ll = (logp * tm[:, 1:]).sum(1).double().tolist()
-                gr = [bool(h[t].all()) for h, t in zip(hit, tm[:, 1:])]
-            else:
-                gens = [self.generator(q, len(pairs[i][1])) for q, i in zip(seqs, idx)]
-                ll = elbo_loglik(self.model, ids, tm, att, self.mc_num, gens, self.method, self.batch_size).tolist()
-                gr = [None] * len(idx)
-                if greedy:
-                    pred = self.fill(ids, tm, att)
-                    gr = [bool((p[t] == x[t]).all()) for p, x, t in zip(pred, ids, tm)]
-            for b, i in enumerate(idx):
-                out[i] = (ll[b], gr[b])
+                out[i] = (float((logp[b].double() * tm[b]).sum()), bool(hit[b][tm[b]].all()))
             if progress is not None:
                 progress.update(len(idx))
         return out
+
+    @staticmethod
+    def target_mask(ids, n_targets):
+        """The last n positions of each left-padded row."""
+        tm = torch.zeros_like(ids, dtype=torch.bool)
+        for b, n in enumerate(n_targets):
+            tm[b, ids.shape[1] - n:] = n > 0
+        return tm
+
+    def elbo(self, seqs, n_targets, progress=None):
+        """The ELBO estimate of log p(last n tokens | the others) for each sequence: model.elbo_loglik's,
+        with each row's draws from its own generator (elbo_draws), packed across rows: every draw of
+        every row in one list, sorted by length into forwards of batch_size sequences, and a draw that
+        repeats a mask of its row (n targets allow 2^n - 1 masks, so short continuations repeat often)
+        run once, its weight the sum of its copies'. Returns floats."""
+        jobs = []                                   # (row, targets' mask, summed weight)
+        for r, (q, n) in enumerate(zip(seqs, n_targets)):
+            if n:
+                drawn, w = elbo_draws(n, self.mc_num, self.method, self.generator(q, n))
+                keep = drawn.any(1)                 # a draw that masks nothing adds 0
+                masks, inv = torch.unique(drawn[keep], dim=0, return_inverse=True)
+                w = torch.zeros(len(masks), dtype=torch.float64).index_add_(0, inv, w[keep].double())
+                jobs += [(r, m, float(x)) for m, x in zip(masks, w)]
+        jobs.sort(key=lambda j: -len(seqs[j[0]]))   # stable: a row's draws stay together
+        left = Counter(r for r, _, _ in jobs)
+        if progress is not None:
+            progress.update(len(seqs) - len(left))
+        total = [0.0] * len(seqs)
+        for s in range(0, len(jobs), self.batch_size):
+            chunk = jobs[s:s + self.batch_size]
+            ids, att = self._pad([seqs[r] for r, _, _ in chunk])
+            m = torch.zeros_like(ids, dtype=torch.bool)
+            for b, (_, mask, _) in enumerate(chunk):
+                m[b, ids.shape[1] - len(mask):] = mask.to(self.device)
+            logits = self.model(ids.masked_fill(m, self.model.mask_token_id), att, target_mask=m).float()
+            logp = -F.cross_entropy(logits, ids[m], reduction="none").double().cpu()
+            draw = torch.arange(len(chunk)).repeat_interleave(m.sum(1).cpu())
+            per_draw = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, draw, logp)
+            for b, (r, _, w) in enumerate(chunk):
+                total[r] += float(per_draw[b]) * w
+                left[r] -= 1
+                if progress is not None and not left[r]:
+                    progress.update(1)
+        return [t / self.mc_num for t in total]
 
     # -- generation ------------------------------------------------------------------------------------
     def fill(self, ids, gen_mask, att):
@@ -393,11 +513,40 @@ class Scorer:
 # -----------------------------------------------------------------------------
 # running a task
 
-def run_task(scorer, task, examples, gen_len=None, progress=True):
-    """Score a task's examples. Returns (metrics {name: (value, stderr)}, per-example records)."""
+def ppl_window(scorer, window=None, stride=None):
+    """(window, stride) of the wikitext windows: --ppl_window capped at the model's positions, and
+    --ppl_stride (default window - 1) capped at window - 1."""
+    window = min(window or PPL_WINDOW, scorer.max_len or PPL_WINDOW)
+    return window, min(stride or window - 1, window - 1)
+
+
+def run_task(scorer, task, examples, gen_len=None, progress=True, window=None, stride=None):
+    """Score a task's examples. Returns (metrics {name: (value, stderr)}, per-example records).
+    window, stride: wikitext's (see ppl_window)."""
     tok = scorer.tokenizer
     records = []
-    if task in ("hellaswag", "piqa", "siqa", "winogrande"):
+    if task == "wikitext":
+        window, stride = ppl_window(scorer, window, stride)
+        pairs, owner = [], []
+        for j, ex in enumerate(examples):
+            ws = rolling_windows(scorer.encode(ex["text"]), scorer.start, window, stride)
+            pairs += ws
+            owner += [j] * len(ws)
+        bar = tqdm(total=len(pairs), desc=f"{task} (windows)", disable=not progress, leave=False)
+        scores = scorer.loglik(pairs, progress=bar)
+        ll, n_tok, n_win = [0.0] * len(examples), [0] * len(examples), [0] * len(examples)
+        for (_, tgt), (v, _), j in zip(pairs, scores, owner):
+            ll[j] += v
+            n_tok[j] += len(tgt)
+            n_win[j] += 1
+        for ex, v, n, w in zip(examples, ll, n_tok, n_win):
+            records.append({"input": ex["text"][:80], "loglik": v, "tokens": n, "words": ex["words"], "bytes": ex["bytes"],
+                            "windows": w})
+        total = perplexities(sum(ll), sum(n_tok), sum(ex["words"] for ex in examples), sum(ex["bytes"] for ex in examples))
+        metrics = {k: (v, None) for k, v in total.items()}
+        bar.close()
+        return metrics, records
+    if task in MC_TASKS:
         pairs, first = [], []
         for ex in examples:
             first.append(len(pairs))
@@ -407,7 +556,8 @@ def run_task(scorer, task, examples, gen_len=None, progress=True):
         acc, acc_norm = [], []
         for i, ex in enumerate(examples):
             ll = [s for s, _ in scores[first[i]:first[i] + len(ex["pairs"])]]
-            norm = [v / len(cont.encode("utf-8")) for v, (_, cont) in zip(ll, ex["pairs"])]
+            # lm-eval's acc_norm: by the length of the choice, without the space that joins it to the context
+            norm = [v / max(1, len(cont[1:] if cont.startswith(" ") else cont)) for v, (_, cont) in zip(ll, ex["pairs"])]
             pred, pred_norm = max(range(len(ll)), key=ll.__getitem__), max(range(len(ll)), key=norm.__getitem__)
             acc.append(float(pred == ex["gold"]))
             acc_norm.append(float(pred_norm == ex["gold"]))
@@ -593,6 +743,8 @@ def parse_args(argv=None):
     a("--seed", type=at_least(0), default=0, help="seed of the ELBO draws and the samplers")
     a("--gen_len", type=at_least(1), default=None, help="rocstories/triviaqa/gsm8k: tokens to generate (unset: the reference's length)")
     a("--infill_sentence", type=int, default=4, help="rocstories: which of the 5 sentences to infill (1-5)")
+    a("--ppl_window", type=at_least(2), default=PPL_WINDOW, help="wikitext: tokens per window (capped at the model's positions)")
+    a("--ppl_stride", type=at_least(1), default=None, help="wikitext: new tokens scored per window (unset: window - 1)")
     a("--lm_eval_tasks", default=None, help="run these lm-eval tasks through the harness instead")
     a("--lm_eval_include", default=None, help="folder of lm-eval task YAMLs")
     a("--mask_token_id", type=at_least(0), default=None, help="reuse this token id as [MASK] if the model has none")
@@ -624,6 +776,8 @@ def parse_args(argv=None):
         p.error(f"--data_dir {args.data_dir}: no such folder")
     if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
         p.error(f"--lm_eval_include {args.lm_eval_include}: no such folder")
+    if args.ppl_stride is not None and args.ppl_stride >= args.ppl_window:
+        p.error(f"--ppl_stride {args.ppl_stride} must be below --ppl_window {args.ppl_window} (a window keeps one token of context)")
     if not 1 <= args.infill_sentence <= 5:
         p.error(f"--infill_sentence must be in 1..5, got {args.infill_sentence}")
     if args.output:
@@ -632,6 +786,11 @@ def parse_args(argv=None):
         p.error(f"--output {args.output} exists and is not a results file of this script: not overwriting it")
     args.error = p.error
     return args
+
+
+def ppl_kind(ar, mc_num):
+    return ("exact (AR log-likelihood)" if ar else
+            f"upper bound (from the ELBO, a lower bound of the log-likelihood, {mc_num} draws per window)")
 
 
 def is_results_file(path):
@@ -663,12 +822,17 @@ def main(argv=None):
         settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list", "settings")}
         settings.update(scored_model=scorer.model_name, mode="ar" if args.ar else "diffusion")
         results = {"settings": settings, "metrics": {}, "examples": {}}
-        table = []
+        table, notes = [], []
         for task, (exs, source) in examples.items():
             t0 = time.time()
-            metrics, records = run_task(scorer, task, exs, args.gen_len, progress=not args.no_progress)
+            metrics, records = run_task(scorer, task, exs, args.gen_len, progress=not args.no_progress,
+                                        window=args.ppl_window, stride=args.ppl_stride)
             secs = time.time() - t0
             results["metrics"][task] = {m: {"value": v, "stderr": se} for m, (v, se) in metrics.items()}
+            if task == "wikitext":
+                window, stride = ppl_window(scorer, args.ppl_window, args.ppl_stride)
+                results["metrics"][task].update(perplexity=ppl_kind(args.ar, args.mc_num), window=window, stride=stride)
+                notes.append(f"wikitext: {ppl_kind(args.ar, args.mc_num)}; windows of {window} tokens, stride {stride}")
             results["metrics"][task].update(n=len(exs), seconds=round(secs, 2), examples_per_s=round(len(exs) / secs, 3),
                                             data=source)
             results["examples"][task] = records
@@ -688,6 +852,8 @@ def main(argv=None):
         args.error(first_line(e))
     print(f"{'AR' if args.ar else 'diffusion'}: {scorer.model_name}")
     print_table(table)
+    for line in notes:
+        print(line)
     if args.output:
         tmp = args.output + ".tmp"
         with open(tmp, "w") as f:

@@ -36,7 +36,16 @@ RECORDS = {
                  {"question": "what is good", "answer": ["love"]}],
     "gsm8k": [{"instruction": "what is the day", "output": "<<1+1=2>> #### 2"},
               {"instruction": "how is the king", "output": "#### 1,000"}],
+    "arc_easy": [{"question": "who is the king", "choices": {"text": ["my lord", "the night", "a day", "her"],
+                                                             "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
+                 {"question": "what is good", "choices": {"text": ["love", "night", "the man"], "label": ["1", "2", "3"]},
+                  "answerKey": "3"}],
+    "arc_challenge": [{"question": "when is the night", "choices": {"text": ["now", "then", "here", "there", "so"],
+                                                                    "label": ["A", "B", "C", "D", "E"]}, "answerKey": "E"}],
 }
+# WikiText raw text: articles start at a top-level heading; " = = ... = = " is a section inside one
+WIKITEXT = (" = The King = \n\n the king said good night to the queen . \n\n = = Love = = \n\n"
+            " and so the day was good \n\n = My Lord = \n\n my lord is good and you are not \n")
 
 
 def write_jsonl(path, records):
@@ -61,6 +70,7 @@ def data_dir(tmp_path_factory):
     (d / "lambada_test.txt").write_text("\n".join(LAMBADA) + "\n")
     for task, recs in RECORDS.items():
         write_jsonl(d / f"{task}.jsonl", recs)
+    (d / "wikitext2_test.txt").write_text(WIKITEXT)
     return str(d)
 
 
@@ -379,7 +389,8 @@ def lm_eval_tasks(tmp_path, data_dir):
     d = tmp_path / "tasks"
     d.mkdir()
     write_jsonl(tmp_path / "lambada.jsonl", [{"text": t} for t in LAMBADA])
-    files = {"DATA_PIQA": os.path.join(data_dir, "piqa.jsonl"), "DATA_LAMBADA": str(tmp_path / "lambada.jsonl")}
+    files = {"DATA_PIQA": os.path.join(data_dir, "piqa.jsonl"), "DATA_LAMBADA": str(tmp_path / "lambada.jsonl"),
+             "DATA_ARC": os.path.join(data_dir, "arc_easy.jsonl")}
     for name in os.listdir(os.path.join(HERE, "lm_eval_tasks")):
         text = open(os.path.join(HERE, "lm_eval_tasks", name)).read()
         for k, v in files.items():
