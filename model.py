@@ -487,7 +487,7 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
 
 
 def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
-                   sp_group=None, block_size=None):
+                   sp_group=None, block_size=None, return_logits=False):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
     also the unweighted mean CE. `model` may be wrapped in DDP or FSDP (its forward is called). Returns
     (loss, unweighted_loss, n_masked). With sp_group (sequence parallelism: the model runs ring
@@ -495,16 +495,19 @@ def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_ma
     (sequence_parallel_loss): loss * n summed over the group, divided by the summed n, is the loss.
     LLaDA's SFT normalisation (each masked token weighs 1 / (t * its row's answer length), the sum divided by
     the rows) is this loss with t * answer_length in place of t, times n / rows (train_sft.py).
-    block_size: block-diffusion training, xt is the [noisy ; clean] input of block_inputs (see forward)."""
+    block_size: block-diffusion training, xt is the [noisy ; clean] input of block_inputs (see forward).
+    return_logits: also the logits [n_masked, V] that predict the masked tokens (row-major), for a term on them
+    (train_sft.py's certainty loss)."""
     if sp_group is not None:
-        if block_size is not None:
-            raise ValueError("sequence parallelism does not run block diffusion")
+        if block_size is not None or return_logits:
+            raise ValueError("sequence parallelism runs neither block diffusion nor a term on the logits")
         return sequence_parallel_loss(model, input_ids, xt, masked, t, sp_group, attention_mask, attn_mask_ratio,
                                       generator)
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
                    target_mask=masked, block_size=block_size)
     weight = (1.0 / t)[:, None].expand_as(masked)[masked]
-    return _weighted_ce(logits, input_ids[masked], weight, masked.sum())
+    out = _weighted_ce(logits, input_ids[masked], weight, masked.sum())
+    return (*out, logits) if return_logits else out
 
 
 def _weighted_ce(logits, targets, weight, n):

@@ -9,14 +9,19 @@ Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
     python sample.py --model_name out/adapt --sampler threshold --block_length 32 --cache dual       # + KV cache
     python sample.py --model_name out/sft --chat --sampler threshold --block_length 32               # interactive
     python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
+    python sample.py --model_name out/sft --prompt "Ann has 7 apples ..."   # an SFT run: its prompt template
+    python sample.py --model_name out/sft_ar --ar --prompt "Ann has 7 apples ..."   # train_sft.py --ar: generate
 
 --model_name takes a run folder of train_adapt.py/train_sft.py (its `final` checkpoint, else the newest
 one; a LoRA adapter is merged into the model the run started from), a checkpoint folder, a released
 DiffuGPT or DiffuLLaMA checkpoint (folder or hub id), any hub id (`gpt2`, `org/name`), or `smollm2-135m`
 (the embedded model). A causal LM that was never adapted samples word salad (a warning says so):
-adapt it with train_adapt.py first.
+adapt it with train_adapt.py first; --ar decodes a causal LM as one (cached `generate`: greedy, or sampled
+at --temperature), the baseline of train_sft.py --ar. A model fine-tuned by train_sft.py carries its prompt
+template: --prompt is the question alone (--raw_prompt gives prompts as they are).
 """
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -48,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--attn_implementation", default="sdpa", help="eager, sdpa or flash_attention_2")
     p.add_argument("--verbose", action="store_true", help="show the denoising step by step")
     p.add_argument("--output", default=None, help="append the samples to this JSON-lines file")
+    p.add_argument("--ar", action="store_true", help="decode --model_name as the causal LM it is (cached generate; "
+                   "greedy, or sampled at --temperature): the AR baseline")
+    p.add_argument("--raw_prompt", action="store_true", help="give --prompt as it is, not in the prompt template a "
+                   "fine-tuned model carries")
     add_sampler_args(p)
     args = p.parse_args(argv)
     try:
@@ -60,8 +69,78 @@ def parse_args(argv=None):
     return args
 
 
+def apply_template(model_config, tok, prompts, raw):
+    """--prompt in the prompt template the model was fine-tuned with (config `prompt_template`: a format string
+    with {}, or "chat" for the tokenizer's chat template), saying so once; unchanged with --raw_prompt."""
+    template = getattr(model_config, "prompt_template", None)
+    if raw or not template or not prompts or None in prompts:
+        return prompts
+    if template == "chat":
+        wrap = lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        fixed = wrap("").split("\n")[-1] if tok.chat_template else ""
+    else:
+        wrap, fixed = template.format, template.split("{}")[-1]
+    if all(fixed.strip() and p.rstrip().endswith(fixed.strip()) for p in prompts):   # already in the template
+        return prompts
+    print(f"{PROG}: the prompts go in the model's prompt template {template!r} (--raw_prompt to give them as they are)",
+          file=sys.stderr, flush=True)
+    return [wrap(p) for p in prompts]
+
+
+def sample_ar(args):
+    """--ar: the causal LM's own decoding, cached `generate` from each prompt (BOS first when the tokenizer has
+    one), --gen_len new tokens, stopping at EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from model import resolve_model_path, start_token_id
+    device = args.device or default_device()
+    try:
+        path = resolve_model_path(args.model_name)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype or default_dtype(device)],
+                                                  attn_implementation=args.attn_implementation)
+        tok = AutoTokenizer.from_pretrained(path)
+        if args.adapter_path:
+            from peft import PeftModel
+            hf = PeftModel.from_pretrained(hf, args.adapter_path).merge_and_unload()
+            extra = os.path.join(args.adapter_path, "dlm_config.json")
+            if os.path.exists(extra):
+                with open(extra) as f:
+                    hf.config.prompt_template = json.load(f).get("prompt_template")
+    except (OSError, ValueError) as e:
+        args.error(first_line(e))
+    if getattr(hf.config, "is_causal", True) is False:
+        args.error(f"--ar: --model_name {args.model_name} is a diffusion LM; --ar decodes causal LMs")
+    hf = hf.to(device).eval()
+    cpu_thread_hint(PROG, device)
+    shown = args.prompt or [None]
+    prompts = apply_template(hf.config, tok, [p for p in shown for _ in range(args.num_samples)], args.raw_prompt)
+    torch.manual_seed(args.seed)
+    start, eos = start_token_id(tok), tok.eos_token_id
+    results = []
+    for i, (text, prompt) in enumerate(zip([p for p in shown for _ in range(args.num_samples)], prompts)):
+        ids = tok.encode(prompt or "", add_special_tokens=False)
+        if start is not None and (not ids or ids[0] != start):
+            ids = [start] + ids
+        x = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.gen_len,
+                              do_sample=args.temperature > 0, temperature=args.temperature or None, top_p=None, top_k=None,
+                              eos_token_id=eos if args.stop_at_eos or args.temperature == 0 else None, pad_token_id=eos)
+        gen = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        results.append({"prompt": text, "suffix": None, "text": tok.decode(out[0].tolist(), skip_special_tokens=True),
+                        "generation": gen, "sampler": "ar_sampled" if args.temperature > 0 else "ar_greedy",
+                        "seed": args.seed, "model_name": args.model_name})
+        print(f"=== sample {i} ({'unconditional' if text is None else f'prompt: {text!r}'})\n{results[-1]['text']}")
+    if args.output:
+        with open(args.output, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.ar:
+        return sample_ar(args)
     device = args.device or default_device()
     dtype = args.dtype or default_dtype(device)
     try:
@@ -78,10 +157,12 @@ def main(argv=None):
         args.error(f"--model_name {args.model_name}: no tokenizer found (give --base_model_name for DiffuGPT checkpoints)")
     if not model.adapted:
         print(f"{PROG}: warning: --model_name {args.model_name} is a causal LM that was never adapted to diffusion: "
-              f"its samples are word salad until train_adapt.py adapts it", file=sys.stderr, flush=True)
+              f"its samples are word salad until train_adapt.py adapts it (--ar decodes it as the causal LM it is)",
+              file=sys.stderr, flush=True)
     if args.chat:
         return chat(model, args, torch.Generator(device=device).manual_seed(args.seed))
-    prompts = [p for p in (args.prompt or [None]) for _ in range(args.num_samples)]
+    shown = [p for p in (args.prompt or [None]) for _ in range(args.num_samples)]
+    prompts = apply_template(model.config, tok, shown, args.raw_prompt) if args.prompt else shown
     try:  # check every prompt's length before any work
         distinct = list(dict.fromkeys(prompts))
         build_inputs(tok, distinct, args.gen_len, [args.suffix] * len(distinct), model.mask_token_id,
@@ -93,7 +174,7 @@ def main(argv=None):
     mask_text = tok.convert_ids_to_tokens(model.mask_token_id)
     results = []
     for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
+        chunk, asked = prompts[start:start + args.batch_size], shown[start:start + args.batch_size]
         batch = build_inputs(tok, chunk, args.gen_len, [args.suffix] * len(chunk), model.mask_token_id)
         att = batch["attention_mask"]
 
@@ -102,7 +183,7 @@ def main(argv=None):
             print(f"step {step:4d}: {text}", flush=True)
 
         out = sample(model, batch, args.settings, g, show if args.verbose else None).cpu()
-        for b, prompt in enumerate(chunk):
+        for b, prompt in enumerate(asked):
             gen = ~batch["src_mask"][b] & att[b].bool()
             results.append({"prompt": prompt, "suffix": args.suffix,
                             "text": tok.decode(out[b][att[b].bool()].tolist(), skip_special_tokens=True),

@@ -45,17 +45,19 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 (greedy; the block sampler in block mode), stopping at EOS; GSM-style answers compare the number after
 '####', others the whole normalised answer. eval_accuracy goes to log.jsonl.
 """
+import json
 import os
 import random
 import warnings
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 import trainer
-from common import DataError, Parser, at_least, field, is_correct, read_records, real
-from model import (DiscreteDiffusionModel, SamplerSettings, add_sampler_args, check_sampler_settings, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
-                   maskable_positions, noise_draw, sample, start_token_id)
+from common import DataError, Parser, at_least, check_output_file, field, is_correct, read_records, real
+from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, check_sampler_settings, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
+                   load_tokenizer, maskable_positions, noise_draw, resolve_model_path, sample, start_token_id)
 from trainer import die, flag_error, log0
 
 
@@ -64,7 +66,7 @@ SYNTHETIC = "synthetic_arith"
 PROMPT = "Question: {}\nAnswer:"
 FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id", "seed", "seq_len", "pad_to",
                    "chat_template", "block_size", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
-                   "modules_to_save", "synthetic_n", "loss_norm")
+                   "modules_to_save", "synthetic_n", "loss_norm", "ar", "complementary")
 
 
 # -----------------------------------------------------------------------------
@@ -91,6 +93,15 @@ def build_parser():
     a("--lora_dropout", type=real(0.0, below=1.0), default=None, help="LoRA dropout (default 0.0)")
     a("--lora_target", default=None, help="'all' (every linear layer but the head) or module names, e.g. q_proj,v_proj (default all)")
     a("--modules_to_save", default=None, help="modules trained in full beside LoRA, e.g. embed_tokens (DiffuLLaMA)")
+    a("--certainty_weight", type=real(0.0), default=0.0, help="weight of the certainty term: the entropy of the "
+      "predictions already right on masked positions, summed and divided by the step's masked tokens (0 = off)")
+    a("--certainty_temp", type=real(0.0, strict=True), default=0.5, help="temperature of that entropy (softmax(logits / T))")
+    a("--complementary", action="store_true", help="also train each row on the complement of its mask (t -> 1 - t), "
+      "so every response token is supervised in every step")
+    a("--distill", default=None, metavar="FILE", help="self-distillation, no training: answer the --data prompts with "
+      "--model_name and the sampler flags, and write the answers the checker accepts to FILE (a new --data file)")
+    a("--ar", action="store_true", help="the AR baseline: fine-tune --model_name (a causal LM, the AR parent) as a causal "
+      "LM on the same data, loss on the response tokens, evaluated by cached greedy generate")
     a("--merge_lora", action="store_true", help="at the end, also write <out_dir>/merged: base + adapter as a plain HF folder")
     a("--eval_gen_len", type=at_least(1), default=None, help="tokens generated per evaluation answer (default: the longest reference answer + 1)")
     a("--eval_batch_size", type=at_least(1), default=16, help="evaluation prompts per sampler call (per rank)")
@@ -116,6 +127,13 @@ def check_sft_args(args):
     if args.sp_size > 1 and args.block_size:
         flag_error(f"--sp_size {args.sp_size} with --block_size: ring attention takes no block-diffusion mask; "
                    f"use --sp_size 1 for block-diffusion SFT")
+    if args.sp_size > 1 and args.certainty_weight > 0:
+        flag_error("--certainty_weight with --sp_size: the term needs each row's logits on one rank; use --sp_size 1")
+    if args.ar and (args.certainty_weight > 0 or args.complementary):
+        flag_error("--certainty_weight and --complementary are diffusion losses, not --ar's")
+    if args.ar and (args.block_size or args.sp_size > 1 or args.fsdp or args.same_token_labels):
+        flag_error(f"--ar fine-tunes a causal LM with DDP (and LoRA): not with "
+                   f"{'--block_size' if args.block_size else '--sp_size' if args.sp_size > 1 else '--fsdp' if args.fsdp else '--same_token_labels'}")
     if args.fsdp and args.lora_r is not None:
         flag_error("--fsdp with --lora_r: LoRA trains a small adapter, shard nothing (DDP); leave --fsdp off")
     if args.same_token_labels:
@@ -242,6 +260,20 @@ def collate(examples, eos, pad_to=None, multiple=1):
 
 
 # -----------------------------------------------------------------------------
+# certainty training (dParallel's certainty forcing, LLaDA2.0's CAP): make the predictions that are already
+# right confident, so that a threshold sampler commits more of them in one step
+
+def certainty_term(logits, targets, temp):
+    """The sum, over the masked positions whose prediction is already right (argmax = target), of the entropy of
+    softmax(logits / temp), and their number. `logits` [n, V] are those that predict `targets` [n] (with the
+    shift convention, the logits at i - 1 for position i: model.diffusion_loss(return_logits=True) gives them).
+    Zero when no prediction is right."""
+    right = logits.argmax(-1) == targets
+    logp = F.log_softmax(logits[right].float() / temp, -1)
+    return -(logp.exp() * logp).sum(), right.sum()
+
+
+# -----------------------------------------------------------------------------
 # LoRA
 
 def apply_lora(raw, args):
@@ -282,12 +314,13 @@ def load_adapter_weights(raw, ckpt):
 # evaluation: sample each answer, compare
 
 @torch.no_grad()
-def answer(raw, examples, settings, gen_len, batch_size):
+def answer(raw, examples, settings, gen_len, batch_size, progress=False):
     """The model's answers (text up to EOS) to examples [(prompt ids, response ids, reference)] with the
     sampler `settings` (a SamplerSettings)."""
+    from tqdm import tqdm
     tok, outs = raw.tokenizer, []
     eos = tok.eos_token_id
-    for s in range(0, len(examples), batch_size):
+    for s in tqdm(range(0, len(examples), batch_size), desc="answering", disable=not progress):
         chunk = examples[s:s + batch_size]
         batch = layout_rows([(p, gen_len, []) for p, _, _ in chunk], raw.mask_token_id, eos)
         out = sample(raw, {k: v.to(raw.device) for k, v in batch.items()}, settings)
@@ -308,6 +341,77 @@ def eval_settings(args, gen_len):
 
 
 # -----------------------------------------------------------------------------
+# --ar: the AR parent fine-tuned as a causal LM, the baseline diffusion decoding must beat
+
+class CausalLM(torch.nn.Module):
+    """The transformers causal LM as --ar trains it (`.model`, saved as a plain HF folder with its tokenizer),
+    with what trainer.py and the evaluation ask of a model."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def save_pretrained(self, path, state_dict=None):
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+        if hasattr(self.model, "peft_config"):   # an adapter: what sample.py --ar needs beside it
+            with open(os.path.join(path, "dlm_config.json"), "w") as f:
+                json.dump({"prompt_template": getattr(self.config, "prompt_template", None)}, f, indent=1)
+
+
+def load_causal_lm(args, run, tok, from_checkpoint=True):
+    """--model_name (or the checkpoint being resumed) as a causal LM; a diffusion checkpoint is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = run.ckpt if run.ckpt is not None and from_checkpoint else resolve_model_path(args.model_name)
+    if getattr(AutoConfig.from_pretrained(path), "is_causal", True) is False:
+        die(f"--ar fine-tunes the AR parent: --model_name {args.model_name} is a diffusion checkpoint; give the "
+            f"causal LM it was adapted from")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=run.weight_dtype, attn_implementation=run.attn)
+    except (OSError, ValueError) as e:
+        die(trainer.model_error(args, e))
+    hf.config.is_causal = True   # said outright: eval_zeroshot.py --ar scores this model itself, not a parent
+    raw = CausalLM(hf, tok).to(run.device)
+    raw.train()
+    return raw
+
+
+def response_targets(x, prompt, eos):
+    """The positions --ar is trained to predict: each row's response up to and including its first EOS (the
+    EOS padding after it carries no loss)."""
+    is_eos = (x == eos) & ~prompt
+    return ~prompt & (is_eos.long().cumsum(1) - is_eos.long() == 0)
+
+
+def causal_loss(model, x, target):
+    """Sum of the next-token cross-entropy over the target positions (logits at i - 1 predict token i), and
+    their number."""
+    logits = model(x)[:, :-1]
+    want = target[:, 1:]
+    return F.cross_entropy(logits[want].float(), x[:, 1:][want], reduction="sum"), want.sum()
+
+
+@torch.no_grad()
+def answer_ar(raw, examples, gen_len, batch_size):
+    """The causal LM's greedy answers (cached `generate`, text up to EOS) to left-padded prompts."""
+    tok, outs = raw.tokenizer, []
+    eos = tok.eos_token_id
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        L = max(len(p) for p, _, _ in chunk)
+        ids = torch.tensor([[eos] * (L - len(p)) + p for p, _, _ in chunk], device=raw.model.device)
+        att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p, _, _ in chunk], device=raw.model.device)
+        out = raw.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=gen_len, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos)
+        for row in out[:, L:].tolist():
+            outs.append(tok.decode(cut_at_eos(row, eos), skip_special_tokens=True))
+    return outs
+
+
+# -----------------------------------------------------------------------------
 # the run
 
 def main(argv=None):
@@ -315,8 +419,39 @@ def main(argv=None):
     return trainer.main(PROG, train, argv)
 
 
+def distill(args):
+    """--distill FILE: the model's own answers to the training prompts (the evaluation's sampler settings), kept
+    where the answer checker accepts them, as a JSON list of records in --data's format: the recipe's
+    SFT -> distill -> certainty fine-tune (--certainty_weight) on FILE."""
+    if os.path.exists(args.distill):
+        flag_error(f"--distill {args.distill} exists: choose a new file (nothing is overwritten)")
+    check_output_file(args.distill, flag_error)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, device=device)
+    except (OSError, ValueError) as e:
+        die(trainer.model_error(args, e))
+    raw.eval()
+    records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
+    examples = encode_pairs(raw.tokenizer, records, path, args, "--data")
+    gen_len = args.eval_gen_len or max(len(r) for _, r, _ in examples) + 1
+    preds = answer(raw, examples, eval_settings(args, gen_len), gen_len, args.eval_batch_size, progress=True)
+    kept = []
+    for rec, pred, (_, _, ref) in zip(records, preds, examples):
+        if is_correct(pred, ref):
+            if "messages" in rec:
+                kept.append({**rec, "messages": rec["messages"][:-1] + [{"role": "assistant", "content": pred.strip()}]})
+            else:
+                kept.append({**rec, "output": pred.strip()})
+    trainer.write_atomic(args.distill, json.dumps(kept, indent=1))
+    log0(f"distill: kept {len(kept)} of {len(records)} answers (those the checker accepts) -> {args.distill}")
+    return kept
+
+
 def train(argv, stop):
     parser = build_parser()
+    if parser.parse_args(argv).distill:   # no run: a data file is all it writes
+        return distill(parser.parse_args(argv))
     args, run = trainer.start_run(parser, argv, FIXED_ON_RESUME, outputs=("merged",))
     check_sft_args(args)
     if args.block_size and run.attn == "flash_attention_2":
@@ -326,8 +461,8 @@ def train(argv, stop):
 
     # tokenizer and data (small: held in memory, tokenised up front)
     tok = trainer.load_base_tokenizer(args)
-    records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
-    train_set = encode_pairs(tok, records, path, args, "--data")
+    train_records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
+    train_set = encode_pairs(tok, train_records, path, args, "--data")
     eval_set = []
     if args.eval_data:
         n_eval = args.eval_n or 10 ** 9
@@ -339,9 +474,12 @@ def train(argv, stop):
     trainer.prepare_out_dir(args, run)
     trainer.seed_everything(args.seed + run.rank)
     lora = args.lora_r is not None
-    raw = trainer.load_model(args, run, from_checkpoint=not lora)
+    raw = (load_causal_lm(args, run, tok, from_checkpoint=not lora) if args.ar else
+           trainer.load_model(args, run, from_checkpoint=not lora))
     if args.block_size:
         raw.config.block_size = args.block_size      # saved with the model: sample.py --sampler block uses it
+    # saved with the model too: sample.py puts a bare question in the template the model was trained on
+    raw.config.prompt_template = "chat" if args.chat_template or any("messages" in r for r in train_records) else PROMPT
     if lora:
         apply_lora(raw, args)
         if run.ckpt is not None:
@@ -374,7 +512,8 @@ def train(argv, stop):
             with torch.no_grad():     # root's shards (and keeps them until reshard) and sets FSDP up in order
                 raw(torch.full((1, 1), eos, dtype=torch.long, device=run.device))
         with run.autocast:
-            preds = answer(raw, mine, settings, gen_len, args.eval_batch_size)
+            preds = (answer_ar(raw, mine, gen_len, args.eval_batch_size) if args.ar else
+                     answer(raw, mine, settings, gen_len, args.eval_batch_size))
         if run.fsdp:
             raw.reshard()
         if run.sp_size > 1:
@@ -393,19 +532,43 @@ def train(argv, stop):
     me = trainer.rank_rows(run, B)
     by_length = args.loss_norm == "answer_length"
 
+    def ar_step(step):
+        # the response tokens of the whole step first: the loss is their mean over the step
+        micro, seen = [], counters["samples_seen"]
+        for k in range(A):
+            x, prompt, _ = collate([train_set[i] for i in trainer.stream_indices(len(train_set), seen + k * B, B, args.seed)],
+                                   eos, args.pad_to)
+            micro.append((x, response_targets(x, prompt, eos)))
+        total = float(max(sum(int(t[:, 1:].sum()) for _, t in micro), 1))
+        loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
+        for k, (x, target) in enumerate(micro):
+            x, target = x[me].to(run.device), target[me].to(run.device)
+            with trainer.grad_sync(run, k == A - 1), run.autocast:
+                part, _ = causal_loss(run.model, x, target)
+            (part * (W / total)).backward()   # DDP averages over the ranks: their sum over the step's tokens
+            loss_sum += part.detach().float()
+        if run.ddp:
+            torch.distributed.all_reduce(loss_sum)
+        return ({"loss": loss_sum.item() / total, "n_targets": int(total)}, A * B, sum(m[0].numel() for m in micro))
+
     def step_fn(step):
         # the global micro-batches and their noise first: the loss is normalised over the whole step
         micro, seen = [], counters["samples_seen"]
         for k in range(A):
             x, prompt, resp_len = collate([train_set[i] for i in trainer.stream_indices(len(train_set), seen + k * B, B, args.seed)],
                                           eos, args.pad_to, run.sp_size)
-            masked, t = noise_draw(maskable_positions(x, src_mask=prompt, shift=raw.shift), run.noise)
-            micro.append((x, masked, t, resp_len))
-        n_masked = sum(int(m[1].sum()) for m in micro)
-        total = float(A * B) if by_length else float(max(n_masked, 1))
-        sums = torch.zeros(2, dtype=torch.float32, device=run.device)
-        for k, (x, masked, t, resp_len) in enumerate(micro):
-            x, masked, t, resp_len = (v[me].to(run.device) for v in (x, masked, t, resp_len))
+            maskable = maskable_positions(x, src_mask=prompt, shift=raw.shift)
+            masked, t = noise_draw(maskable, run.noise)
+            micro.append((x, masked, t, resp_len, maskable))
+        # --complementary: each row is trained twice, on its mask and on the rest of its response (t -> 1 - t)
+        n_masked = sum(int((m[4] if args.complementary else m[1]).sum()) for m in micro)
+        total = float(A * B * (2 if args.complementary else 1)) if by_length else float(max(n_masked, 1))
+        sums = torch.zeros(3, dtype=torch.float32, device=run.device)
+        for k, (x, masked, t, resp_len, maskable) in enumerate(micro):
+            x, masked, t, resp_len, maskable = (v[me].to(run.device) for v in (x, masked, t, resp_len, maskable))
+            if args.complementary:
+                x, resp_len = torch.cat([x, x]), torch.cat([resp_len, resp_len])
+                masked, t = torch.cat([masked, maskable & ~masked]), torch.cat([t, (1.0 - t).clamp(min=SAMPLING_EPS)])
             xt = x.masked_fill(masked, raw.mask_token_id)
             if args.block_size:
                 xt = block_inputs(x, xt, args.block_size, raw.shift)
@@ -413,30 +576,46 @@ def train(argv, stop):
             # divided by the step's sequences (total); as a masked-token mean with t * length in place of t, times
             # this rank's masked count, it is this rank's (or this chunk's, with --sp_size) share of that sum
             with trainer.grad_sync(run, k == A - 1), run.autocast:
-                loss, unweighted, n = diffusion_loss(run.model, x, xt, masked, t * resp_len if by_length else t,
-                                                     block_size=args.block_size, sp_group=run.sp_group)
-            (loss * (n * W / total)).backward()
-            sums += torch.stack([loss.detach().float() * n, unweighted.detach().float() * n])
+                loss, unweighted, n, *logits = diffusion_loss(run.model, x, xt, masked, t * resp_len if by_length else t,
+                                                              block_size=args.block_size, sp_group=run.sp_group,
+                                                              return_logits=args.certainty_weight > 0)
+                objective = loss * (n * W / total)
+                if logits:   # a sum over this rank's tokens, over the step's masked tokens (all ranks)
+                    certainty, _ = certainty_term(logits[0], x[masked], args.certainty_temp)
+                    objective = objective + args.certainty_weight * certainty * (W / max(n_masked, 1))
+                    sums[2] += certainty.detach().float()
+            objective.backward()
+            sums[:2] += torch.stack([loss.detach().float() * n, unweighted.detach().float() * n])
         if run.ddp:
             torch.distributed.all_reduce(sums)
         tokens = sum(m[0].numel() for m in micro)
-        return ({"loss": sums[0].item() / total, "unweighted_loss": sums[1].item() / max(n_masked, 1),
-                 "n_masked": n_masked}, A * B, tokens)
+        rec = {"loss": sums[0].item() / total, "unweighted_loss": sums[1].item() / max(n_masked, 1), "n_masked": n_masked}
+        if args.certainty_weight > 0:
+            rec["certainty"] = sums[2].item() / max(n_masked, 1)
+        return rec, A * B, tokens
 
-    step = trainer.train_loop(args, run, raw, optimizer, params, counters, step_fn, evaluate, log, stop, desc="sft",
+    step = trainer.train_loop(args, run, raw, optimizer, params, counters, ar_step if args.ar else step_fn, evaluate,
+                              log, stop, desc="sft",
                               extra_state=lambda: {"epoch": counters["samples_seen"] // len(train_set)})
     if run.rank == 0 and lora and args.merge_lora and step >= args.max_steps:
         merged = os.path.join(args.out_dir, "merged")
-        write_merged(args, os.path.join(args.out_dir, f"step_{step:06d}"), merged)
+        write_merged(args, os.path.join(args.out_dir, f"step_{step:06d}"), merged, raw.config.prompt_template)
         log0(f"merged: base + adapter as a plain HF folder in {merged}")
     trainer.finish_run(args, run, step)
     return step
 
 
-def write_merged(args, adapter, out):
+def write_merged(args, adapter, out, template):
     """--merge_lora: the base model with the adapter merged, saved as a plain HF folder (atomically)."""
     import shutil
-    m = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, adapter_path=adapter)
+    if args.ar:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model_name))
+        m = CausalLM(PeftModel.from_pretrained(base, adapter).merge_and_unload(), load_tokenizer(adapter))
+    else:
+        m = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, adapter_path=adapter)
+    m.config.prompt_template = template
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     m.save_pretrained(tmp)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -376,3 +377,167 @@ def test_kill_and_resume(setup):
     from safetensors.torch import load_file
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (out, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- --ar: the AR fine-tuning baseline
+
+def test_ar_loss_is_the_causal_loss_on_response_tokens(setup, tmp_path):
+    """train_sft.py --ar, one step of 2 micro-batches: the logged loss is the mean next-token cross-entropy of
+    the base causal LM over the step's response tokens (up to and including each response's EOS), computed here
+    from the model's logits one position at a time; prompt and padding positions carry none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import trainer
+    out = tmp_path / "ar"
+    train_sft.main(common(setup, out, "--ar", "--max_steps", "1", "--batch_size", "2", "--grad_accum", "2",
+                          "--eval_every", "0"))
+    logged = read_log(out)[0]
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    hf = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    eos = tok.eos_token_id
+    nll, count = 0.0, 0
+    for start in (0, 2):
+        for i in trainer.stream_indices(len(TOY), start, 2, 1337):
+            p = [tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(TOY[i]["instruction"]), add_special_tokens=False)
+            r = tok.encode(" " + TOY[i]["output"], add_special_tokens=False) + [eos]
+            x = torch.tensor([p + r])
+            with torch.no_grad():
+                logp = F.log_softmax(hf(x).logits[0].float(), -1)
+            for j in range(len(p), len(p) + len(r)):
+                nll -= logp[j - 1, x[0, j]].item()
+                count += 1
+    assert logged["n_targets"] == count
+    assert logged["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_ar_baseline_learns_generates_and_loads(setup, capsys):
+    """--ar on the toy pairs: evaluation (cached greedy generate) reaches 1.0; the final checkpoint is a plain causal
+    LM that `generate` answers from, that sample.py --ar answers from a bare question (the prompt template the
+    checkpoint carries), and that eval_zeroshot.py --ar scores as itself."""
+    out = setup["dir"] / "toy_ar"
+    train_sft.main(common(setup, out, "--ar", "--max_steps", "200", "--eval_data", setup["data"], "--eval_every", "200",
+                          "--save_every", "0"))
+    log = read_log(out)
+    assert log[0]["eval_accuracy"] < 0.5 and log[-1]["eval_accuracy"] == 1.0
+    final = out / "final"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf, tok = AutoModelForCausalLM.from_pretrained(final).eval(), AutoTokenizer.from_pretrained(final)
+    assert hf.config.prompt_template == train_sft.PROMPT and hf.config.is_causal is True
+    p = [tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(TOY[1]["instruction"]), add_special_tokens=False)
+    got = hf.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.eos_token_id)
+    assert tok.decode(got[0, len(p):], skip_special_tokens=True).split() == TOY[1]["output"].split()
+    import sample as sample_py
+    capsys.readouterr()
+    res = sample_py.main(["--model_name", str(out), "--ar", "--prompt", TOY[2]["instruction"], "--gen_len", "4"])
+    assert res[0]["generation"].split() == TOY[2]["output"].split() and res[0]["sampler"] == "ar_greedy"
+    assert "prompt template" in capsys.readouterr().err
+    import eval_zeroshot as ez
+    assert ez.ar_parent(str(final)) == str(final)
+
+
+def test_sft_checkpoint_carries_its_prompt_template(setup, capsys):
+    """A diffusion SFT checkpoint answers a bare question through sample.py (the template applied, and said
+    once); --raw_prompt gives the prompt as it is; a prompt already in the template is not wrapped twice."""
+    import sample as sample_py
+    out = setup["dir"] / "toy_full"     # test_toy_mapping_is_learnt[full]'s run, or made here
+    if not (out / "final").exists():
+        train_sft.main(common(setup, out, "--max_steps", "300", "--save_every", "0"))
+    args = ["--model_name", str(out), "--sampler", "low_confidence", "--gen_len", "4", "--diffusion_steps", "4",
+            "--stop_at_eos"]
+    capsys.readouterr()
+    res = sample_py.main(args + ["--prompt", TOY[0]["instruction"]])
+    assert res[0]["generation"].split() == TOY[0]["output"].split() and res[0]["prompt"] == TOY[0]["instruction"]
+    assert capsys.readouterr().err.count("prompt template") == 1
+    full = train_sft.PROMPT.format(TOY[0]["instruction"])
+    assert sample_py.main(args + ["--prompt", full])[0]["generation"].split() == TOY[0]["output"].split()
+    assert "prompt template" not in capsys.readouterr().err
+    raw = sample_py.main(args + ["--prompt", TOY[0]["instruction"], "--raw_prompt"])
+    assert raw[0]["text"].startswith(TOY[0]["instruction"])
+
+
+# ----------------------------------------------------------------------------- certainty training
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_certainty_term_by_hand(shift):
+    """The certainty term on a tiny batch: the masked positions whose prediction (the logits at i - 1 with shift,
+    at i without) already equals the target count, each with the entropy of softmax(logits / T); the others do
+    not; zero when no prediction is right."""
+    torch.manual_seed(0)
+    m = tiny_model(shift)
+    x = torch.randint(5, 60, (2, 9))
+    masked = torch.zeros(2, 9, dtype=torch.bool)
+    masked[0, [2, 3, 6]] = True
+    masked[1, [1, 4, 5, 8]] = True
+    xt = x.masked_fill(masked, m.mask_token_id)
+    with torch.no_grad():
+        full = m(xt).float()                                     # [B, L, V]
+    # the targets: right at every other masked position (the argmax there), wrong elsewhere
+    T, want, rows = 0.7, 0.0, []
+    for k, (b, i) in enumerate(masked.nonzero().tolist()):
+        row = full[b, i - 1] if shift else full[b, i]
+        best = int(row.argmax())
+        x[b, i] = best if k % 2 == 0 else (best + 1) % full.shape[-1]
+        if k % 2 == 0:
+            p = torch.softmax(row / T, -1)
+            want -= float((p * p.log()).sum())
+        rows.append(row)
+    with torch.no_grad():
+        *_, logits = diffusion_loss(m, x, xt, masked, torch.tensor([0.5, 0.5]), return_logits=True)
+        got, n_right = train_sft.certainty_term(logits, x[masked], T)
+    torch.testing.assert_close(logits.float(), torch.stack(rows))
+    assert int(n_right) == 4 and float(got) == pytest.approx(want, rel=1e-5)
+    wrong = x.clone()
+    wrong[masked] = (logits.argmax(-1) + 1) % logits.shape[-1]
+    none, n_none = train_sft.certainty_term(logits, wrong[masked], T)
+    assert int(n_none) == 0 and float(none) == 0.0
+
+
+def test_certainty_and_complementary_ddp_match_one(setup):
+    """--certainty_weight with --complementary: the logged certainty is the hand value's kind (>= 0), every response
+    token is masked once per step (n_masked = the step's maskable tokens), and 2 gloo ranks = one process."""
+    extra = ["--max_steps", "3", "--grad_accum", "2", "--certainty_weight", "2", "--certainty_temp", "0.5",
+             "--complementary", "--eval_every", "0"]
+    ddp, single = setup["dir"] / "cert_ddp", setup["dir"] / "cert_single"
+    torchrun2("train_sft.py", common(setup, ddp, *extra), subprocess_env())
+    train_sft.main(common(setup, single, *extra))
+    assert_close_weights(load_weights(ddp / "final"), load_weights(single / "final"))
+    la, lb = read_log(ddp), read_log(single)
+    for x, y in zip(la, lb):
+        for k in ("loss", "unweighted_loss", "grad_norm", "certainty", "n_masked"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5)
+    # each row is trained on its mask and on the complement: the step's masked tokens are all its maskable ones
+    import trainer
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    examples = train_sft.encode_pairs(tok, TOY, "toy", SimpleNamespace(pad_to=None, seq_len=32, chat_template=False,
+                                                                        model_name="tiny"), "--data")
+    maskable = 0
+    for start in (0, 6):   # step 1: two micro-batches of the global batch 6
+        x, prompt, _ = train_sft.collate([examples[i] for i in trainer.stream_indices(6, start, 6, 1337)], tok.eos_token_id)
+        maskable += int(maskable_positions(x, src_mask=prompt, shift=True).sum())
+    assert lb[0]["n_masked"] == maskable and all(r["certainty"] >= 0 for r in lb)
+
+
+def test_self_distillation_keeps_what_the_checker_accepts_and_trains(setup, tmp_path):
+    """--distill: the toy-trained model answers the training prompts; an answer is kept only where the checker
+    accepts it against the record's reference (two references are changed, so those two are dropped); the file
+    it writes is --data for a certainty fine-tune."""
+    out = setup["dir"] / "toy_full"
+    if not (out / "final").exists():
+        train_sft.main(common(setup, out, "--max_steps", "300", "--save_every", "0"))
+    data = tmp_path / "pairs.json"
+    changed = [dict(r) for r in TOY]
+    changed[1]["output"], changed[4]["output"] = "day night", "lord king"
+    data.write_text(json.dumps(changed))
+    target = tmp_path / "distilled.json"
+    kept = train_sft.main(["--model_name", str(out), "--data", str(data), "--distill", str(target), "--seq_len", "32",
+                           "--diffusion_steps", "4", "--eval_gen_len", "4"])
+    written = json.loads(target.read_text())
+    assert written == kept and [r["instruction"] for r in written] == [r["instruction"] for i, r in enumerate(TOY)
+                                                                      if i not in (1, 4)]
+    assert all(r["output"].split() == TOY[i]["output"].split() for r, i in zip(written, (0, 2, 3, 5)))
+    with pytest.raises(SystemExit, match="exists: choose a new file"):
+        train_sft.main(["--model_name", str(out), "--data", str(data), "--distill", str(target)])
+    train_sft.main(["--model_name", str(out), "--data", str(target), "--seq_len", "32", "--batch_size", "4",
+                    "--max_steps", "2", "--certainty_weight", "1", "--eval_every", "0", "--out_dir", str(tmp_path / "cert")])
+    assert [r["step"] for r in read_log(tmp_path / "cert")] == [1, 2]
