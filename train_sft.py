@@ -12,6 +12,9 @@ cross-entropy), full or LoRA (peft), and dFactory / LLaDA2.0-style block-diffusi
     python sample.py --model_name out/sft/final --prompt "Question: ...\nAnswer:" --sampler low_confidence
     python sample.py --model_name out/adapt/final --adapter_path out/sft/final ...        # a LoRA run's adapter
     python sample.py --model_name out/sft/final --sampler block ...                       # a --block_size run
+    python train_sft.py --model_name out/sft --data synthetic_arith --distill distilled.json   # own right answers
+    python train_sft.py --model_name out/sft --data distilled.json --certainty_weight 2 --complementary
+    python train_sft.py --model_name smollm2-135m --ar --data synthetic_arith --eval_data synthetic_arith  # AR baseline
 
 The run (flags of the run, DDP, --sp_size, --fsdp, the global batch, out_dir rules, atomic checkpoints and
 exact resume, `final`, the LR schedule, JSONL and tqdm logging, stop signals) is trainer.py's, shared with
@@ -40,6 +43,12 @@ sees its own block's noisy tokens and the clean blocks before it, a clean token 
 own (model.block_diffusion_mask); the loss is on the noisy half. --same_token_labels: output i predicts token
 i (LLaDA2.0), else the shift convention of the model. The model's config records block_size, so
 `sample.py --sampler block` picks it up.
+
+Parallel decoding (docs/training.md): --certainty_weight adds the entropy of the predictions already right on
+masked positions (the logits that predict position i, at i - 1 with shift), --complementary trains each row on
+its mask and its complement, --distill FILE writes the model's own answers the checker accepts (no training),
+--ar fine-tunes the AR parent as a causal LM on the same records (the baseline; cached greedy generate).
+Checkpoints carry their prompt template (config prompt_template), which sample.py applies to a bare --prompt.
 
 Evaluation (--eval_data, every --eval_every steps and at the end): each prompt is answered with --sampler
 (greedy; the block sampler in block mode), stopping at EOS; GSM-style answers compare the number after
