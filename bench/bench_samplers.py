@@ -7,6 +7,7 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
     python bench/bench_samplers.py --model_name out/adapt/final --configs threshold0.9,threshold0.9+dual,ar_greedy
     python bench/bench_samplers.py --n_prompts 2 --gen_len 32 --batch_sizes 1    # a quick look
     python bench/bench_samplers.py --configs threshold0.5+dual,factor1.0+dual,ar_greedy   # any threshold / factor
+    python bench/bench_samplers.py --configs eb0.1,eb0.5+dual,eb1+dual,threshold0.9+dual  # EB-sampler, any gamma
     python bench/bench_samplers.py --model_name out/adapt/final --results out/bench.jsonl   # again after a stop:
                                                                                             # runs only what is missing
     python bench/bench_samplers.py --configs flags,ar_greedy --sampler random --block_length 16   # the sampler flags
@@ -54,13 +55,14 @@ CONFIGS = {
 }
 
 
-CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor)([0-9.]*)(?:\+(prefix|dual))?(?:@([0-9.]+))?$")
+CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor|eb)([0-9.]*)(?:\+(prefix|dual))?(?:@([0-9.]+))?$")
 
 
 def config(name):
     """(sampler, keyword arguments) of a configuration: one of CONFIGS, or low_confidence / threshold<c> /
-    factor<f> with an optional +prefix or +dual cache and an optional @<temperature> (Gumbel noise; greedy
-    without), e.g. threshold0.5+dual, factor1.0, threshold0.9+dual@1.0; 32-token blocks."""
+    factor<f> / eb<gamma> (the EB-sampler's entropy bound) with an optional +prefix or +dual cache and an
+    optional @<temperature> (Gumbel noise; greedy without), e.g. threshold0.5+dual, factor1.0,
+    threshold0.9+dual@1.0, eb0.5, eb1+dual; 32-token blocks."""
     if name in CONFIGS:
         return CONFIGS[name]
     m = CONFIG_RE.match(name)
@@ -76,6 +78,8 @@ def config(name):
         kw["temperature"] = temperature
     if m.group(1) == "low_confidence":
         return "low_confidence", kw
+    if m.group(1) == "eb":
+        return "eb", {**kw, "gamma": value}
     return "threshold", {**kw, m.group(1): value} if m.group(1) == "threshold" else {**kw, "factor": value}
 
 
@@ -151,7 +155,7 @@ def main(argv=None):
     bad = [c for c in names if config(c) is None and c != flags_name(flags)]
     if bad:
         p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)}, or low_confidence / "
-                f"threshold<c> / factor<f> with +prefix or +dual and @<temperature>)")
+                f"threshold<c> / factor<f> / eb<gamma> with +prefix or +dual and @<temperature>)")
     dtype = args.dtype or default_dtype(args.device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     dlm = Scorer(args.model_name, device=args.device, dtype=dtype)

@@ -52,6 +52,24 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     assert "| threshold0.9+dual | 2 |" in capsys.readouterr().out
 
 
+def test_eb_configuration_runs_its_settings(tmp_path, capsys, monkeypatch):
+    import json
+    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
+    from model import DiscreteDiffusionModel, SamplerSettings
+    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
+    (tmp_path / "wiki_demo.txt").write_text("\n".join(" ".join(["the king said to his queen"] * 10) for _ in range(3)))
+    (tmp_path / "c4_demo.json").write_text(json.dumps([{"text": " ".join(["o my lord is good"] * 12)}] * 3))
+    seen, real = [], bs.sample
+    monkeypatch.setattr(bs, "sample", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--data_dir", str(tmp_path), "--n_prompts", "2",
+                    "--gen_len", "8", "--batch_sizes", "2", "--configs", "eb0+dual,eb1000", "--device", "cpu"])
+    assert seen[1:] == [SamplerSettings("eb", diffusion_steps=256, block_length=32, cache="dual", gamma=0.0),
+                        SamplerSettings("eb", diffusion_steps=256, block_length=32, gamma=1000.0)]
+    assert [r[:2] for r in rows] == [("eb0+dual", 2), ("eb1000", 2)]
+    assert rows[0][3] == 1.0 and rows[1][3] == 1 / 8     # forwards per token: one token a step; the whole span in one
+    assert "| eb1000 | 2 |" in capsys.readouterr().out
+
+
 def test_results_file_keeps_rows_and_skips_them(tmp_path, capsys, monkeypatch):
     import json
     path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
@@ -141,6 +159,10 @@ def test_config_names():
                                                                     threshold=0.9, temperature=1.0))
     assert bs.config("low_confidence@0.5") == ("low_confidence", dict(diffusion_steps=256, block_length=32, cache="none",
                                                                       temperature=0.5))
+    assert bs.config("eb0.5") == ("eb", dict(diffusion_steps=256, block_length=32, cache="none", gamma=0.5))
+    assert bs.config("eb1+dual") == ("eb", dict(diffusion_steps=256, block_length=32, cache="dual", gamma=1.0))
+    assert bs.config("eb0+prefix@0.7") == ("eb", dict(diffusion_steps=256, block_length=32, cache="prefix", gamma=0.0,
+                                                      temperature=0.7))
     for bad in ("threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense", "threshold0.9@",
-                "threshold0.9@1.2.3", "ar_greedy@1.0"):
+                "threshold0.9@1.2.3", "ar_greedy@1.0", "eb", "eb+dual", "eb1.2.3"):
         assert bs.config(bad) is None, bad

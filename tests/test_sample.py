@@ -402,7 +402,7 @@ def test_cache_needs_a_block_sampler(dlm):
         run(dlm, batch, "low_confidence", cache="full")
 
 
-@pytest.mark.parametrize("sampler", ["diffullama", "low_confidence", "threshold"])
+@pytest.mark.parametrize("sampler", ["diffullama", "low_confidence", "threshold", "eb"])
 def test_stop_at_eos_changes_nothing_before_the_first_eos(dlm, sampler):
     prompts = ["the king said"]           # sampling, one row: the random stream is the same until the row finishes
     batch = build_inputs(dlm.tokenizer, prompts, 16, mask_token_id=dlm.mask_token_id)
@@ -418,7 +418,7 @@ def test_stop_at_eos_changes_nothing_before_the_first_eos(dlm, sampler):
             if sampler == "diffullama":
                 return generate_diffullama(dlm, **batch, diffusion_steps=16, generator=g, **kw)
             return generate_llada(dlm, **batch, steps=16, block_length=4, remasking=sampler, threshold=0.2,
-                                  temperature=1.0, generator=g, **kw)
+                                  gamma=9.0, temperature=1.0, generator=g, **kw)
         finally:
             del dlm.forward
 
@@ -465,7 +465,7 @@ def test_chat_loop_keeps_the_conversation(dlm, capsys):
 # -- sampler settings: flags once, checked once ------------------------------------------------------------
 
 BAD_SAMPLER_FLAGS = [
-    (["--sampler", "beam"], "--sampler must be one of diffullama, low_confidence, random, threshold, block, got 'beam'"),
+    (["--sampler", "beam"], "--sampler must be one of diffullama, low_confidence, random, threshold, block, eb, got 'beam'"),
     (["--diffusion_steps", "0"], "--diffusion_steps must be >= 1, got 0"),
     (["--block_length", "2.5"], "--block_length must be a whole number, got '2.5'"),
     (["--topp_temp", "1.5"], "--topp_temp must be in (0, 1], got 1.5"),
@@ -473,9 +473,12 @@ BAD_SAMPLER_FLAGS = [
     (["--logits_temp", "inf"], "--logits_temp must be > 0 and finite, got inf"),
     (["--temperature", "-1"], "--temperature must be >= 0 and finite, got -1.0"),
     (["--factor", "0"], "--factor must be > 0 and finite, got 0.0"),
+    (["--gamma", "-0.5"], "--gamma must be >= 0 and finite, got -0.5"),
+    (["--gamma", "inf"], "--gamma must be >= 0 and finite, got inf"),
+    (["--gamma", "half"], "--gamma must be a number, got 'half'"),
     (["--cache", "full"], "--cache must be one of none, prefix, dual, got 'full'"),
     (["--sampler", "diffullama", "--cache", "dual"],
-     "--cache works with the block samplers (low_confidence, random, threshold), not diffullama"),
+     "--cache works with the block samplers (low_confidence, random, threshold, eb), not diffullama"),
     (["--sampler", "block", "--cache", "prefix"],
      "--cache: the block sampler always caches the finished blocks (exactly): leave --cache none"),
     (["--sampler", "random", "--factor", "1.0"], "--factor is a rule of --sampler threshold (it replaces --threshold), not of random"),
@@ -677,3 +680,139 @@ def test_busy_cpu_hint(monkeypatch, capsys):
     monkeypatch.setattr(model.torch, "get_num_threads", lambda: 1)            # one thread already
     assert model.cpu_thread_hint("sample.py") is None
     assert capsys.readouterr().err == ""
+
+
+# -- EB-sampler: the entropy bound -----------------------------------------------------------------------------
+
+def eb_count(conf, h, gamma):
+    """The EB rule written out: the most confident positions first, the longest run whose entropies sum, less
+    the largest of them, to at most gamma (at least one)."""
+    order = sorted(range(len(conf)), key=lambda i: -conf[i])
+    n = 1
+    for k in range(2, len(order) + 1):
+        run_h = [h[i] for i in order[:k]]
+        if sum(run_h) - max(run_h) <= gamma:
+            n = k
+    return n
+
+
+def test_eb_commit_counts_by_hand():
+    inf = float("-inf")
+    conf = torch.tensor([[0.9, 0.6, 0.8, 0.3, inf], [0.5, inf, inf, inf, inf]])
+    # entropies in confidence order (0.9, 0.8, 0.6, 0.3): 0.25, 1.0, 0.125, 0.5, so sum - max is 0.25, 0.375, 0.875
+    # for 2, 3, 4 positions: the most uncertain of a run is not its last, the bound subtracts the largest
+    h = torch.tensor([[0.25, 0.125, 1.0, 0.5, 9.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
+    still = conf > inf
+    for gamma, want in [(0.0, [1, 1]), (0.25, [2, 1]), (0.3, [2, 1]), (0.375, [3, 1]), (0.8, [3, 1]), (0.875, [4, 1]),
+                        (50.0, [4, 1])]:
+        got = commit_counts(conf, still, gamma=gamma, entropy=h).tolist()
+        assert got == want, (gamma, got)
+        assert got == [eb_count(conf[b][still[b]].tolist(), h[b][still[b]].tolist(), gamma) for b in range(2)]
+
+
+def stub_logits(length, q, n_masked, V):
+    """Logits of the q-th generated position of a row of `length` real tokens while n_masked of its positions
+    are masked: seeded by all three, each with its own scale, so entropies and confidences spread out (from
+    near 0 to near log V) and are not in the same order."""
+    g = torch.Generator().manual_seed(10007 * length + 101 * q + n_masked)
+    return torch.randn(V, generator=g) * (0.3 + 8 * float(torch.rand((), generator=g)))
+
+
+def test_eb_commit_sets_match_the_rule_by_hand(dlm):
+    """Every step of the sampler on a stub forward (a left-padded batch, blocks of 4, no cache) against the rule
+    worked out from the state before the step: each row commits, in its own current block, the eb_count most
+    confident masked positions, with their argmax; nothing else changes."""
+    tok, V, gamma = dlm.tokenizer, dlm.config.vocab_size, 1.5
+    batch = build_inputs(tok, ["the king said to his queen", "o"], 12, mask_token_id=dlm.mask_token_id)
+    att, L = batch["attention_mask"], batch["input_ids"].shape[1]
+
+    def fake_forward(x, a=None, target_mask=None, **k):
+        return torch.stack([stub_logits(int(a[b].sum()), p - (L - 12), int((x[b] == dlm.mask_token_id).sum()), V)
+                            for b, p in target_mask.nonzero().tolist()])
+
+    states = [batch["input_ids"].clone()]
+    dlm.forward = fake_forward
+    try:
+        run(dlm, batch, "eb", gamma=gamma, diffusion_steps=64, block_length=4, callback=lambda s, x: states.append(x.clone()))
+    finally:
+        del dlm.forward
+    counts = []
+    for before, after in zip(states, states[1:]):
+        for b in range(before.shape[0]):
+            cols = list(range(L - 12, L))
+            masked = [p for p in cols if before[b, p] == dlm.mask_token_id]
+            if not masked:
+                assert torch.equal(after[b], before[b])
+                continue
+            blk = (masked[0] - (L - 12)) // 4                                 # the row's current block
+            block = [p for p in masked if (p - (L - 12)) // 4 == blk]
+            logits = [stub_logits(int(att[b].sum()), p - (L - 12), len(masked), V).double() for p in block]
+            for lg in logits:
+                lg[dlm.mask_token_id] = float("-inf")
+            probs = [torch.softmax(lg, -1) for lg in logits]
+            conf = [float(q.max()) for q in probs]
+            h = [float(-(q[q > 0] * q[q > 0].log()).sum()) for q in probs]
+            n = eb_count(conf, h, gamma)
+            chosen = sorted(sorted(range(len(block)), key=lambda i: -conf[i])[:n])
+            assert (after[b] != before[b]).nonzero().squeeze(1).tolist() == [block[i] for i in chosen]
+            assert [int(after[b, block[i]]) for i in chosen] == [int(probs[i].argmax()) for i in chosen]
+            counts.append((n, len(block)))
+    assert {n for n, left in counts if n < left} >= {1, 2}                # the bound really cut some steps short
+    assert not (states[-1] == dlm.mask_token_id).any()
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_eb_gamma_zero_is_low_confidence_one_token_a_step(dlm, cache):
+    """gamma 0 lets only the most confident position through: low_confidence greedy at one step per token, with
+    the same blocks (8; 3, 3, 2) and cache, and the block's share of the steps is only an upper bound."""
+    batch = build_inputs(dlm.tokenizer, ["the king said", "o"], 8, mask_token_id=dlm.mask_token_id)
+    for block_length in (8, 3):
+        masks = []
+        eb = run(dlm, batch, "eb", gamma=0.0, diffusion_steps=64, block_length=block_length, cache=cache,
+                 callback=lambda s, x: masks.append((x == dlm.mask_token_id).sum(1).tolist()))
+        assert masks == [[8 - i, 8 - i] for i in range(1, 9)]               # one token per row per step, 8 steps
+        assert torch.equal(eb, run(dlm, batch, "low_confidence", diffusion_steps=8, block_length=block_length, cache=cache))
+
+
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_eb_large_gamma_commits_a_block_per_step(dlm, cache):
+    batch = build_inputs(dlm.tokenizer, ["the king said", "o"], 8, mask_token_id=dlm.mask_token_id)
+    masks = []
+    out = run(dlm, batch, "eb", gamma=1e6, diffusion_steps=64, block_length=4, cache=cache,
+              callback=lambda s, x: masks.append((x == dlm.mask_token_id).sum(1).tolist()))
+    assert masks == [[4, 4], [0, 0]] and not (out == dlm.mask_token_id).any()
+
+
+@pytest.mark.parametrize("tokens", ["greedy", "sampled"])
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_eb_left_padded_batch_equals_one_at_a_time(dlm, cache, tokens):
+    """Each row commits its own set (here 2-3 positions a step, entropies near 4.3 nats) and moves through its
+    own blocks: a left-padded batch gives each prompt what it gives alone (one generator per row when sampled)."""
+    prompts = ["the king said to his queen", "a", "o my lord"]
+    batch = build_inputs(dlm.tokenizer, prompts, 10, mask_token_id=dlm.mask_token_id)
+    assert (batch["attention_mask"] == 0).any()
+    settings = SamplerSettings("eb", gamma=8.7, diffusion_steps=40, block_length=4, cache=cache,
+                               temperature=0.0 if tokens == "greedy" else 1.0)
+    per_step = []
+    gens = lambda: [torch.Generator().manual_seed(3 + b) for b in range(len(prompts))]
+    together = sample(dlm, batch, settings, generator=gens(), callback=lambda s, x: per_step.append(
+        (x == dlm.mask_token_id).sum(1)))
+    committed = -torch.diff(torch.stack([(batch["input_ids"] == dlm.mask_token_id).sum(1)] + per_step), dim=0)
+    assert committed.max() >= 3 and (committed == 2).any() and len(per_step) < 10   # several a step, not always the same
+    for b, p in enumerate(prompts):
+        one = build_inputs(dlm.tokenizer, [p], 10, mask_token_id=dlm.mask_token_id)
+        alone = sample(dlm, one, settings, generator=torch.Generator().manual_seed(3 + b))
+        assert torch.equal(together[b, -one["input_ids"].shape[1]:], alone[0])
+
+
+def test_sample_script_eb_end_to_end(dlm, monkeypatch):
+    seen, real = [], sample_script.sample
+    monkeypatch.setattr(sample_script, "sample", lambda m, b, s, *a, **k: seen.append(s) or real(m, b, s, *a, **k))
+    res = sample_script.main(["--model_name", dlm.path, "--prompt", "the king", "--prompt", "o", "--gen_len", "6",
+                              "--sampler", "eb", "--gamma", "0.5", "--block_length", "3", "--diffusion_steps", "6"])
+    assert [s.sampler for s in seen] == ["eb"] and seen[0].gamma == 0.5
+    batch = build_inputs(dlm.tokenizer, ["the king", "o"], 6, mask_token_id=dlm.mask_token_id)
+    want = sample(dlm, batch, SamplerSettings("eb", gamma=0.5, block_length=3, diffusion_steps=6))
+    gen = ~batch["src_mask"] & batch["attention_mask"].bool()
+    assert [r["generation"] for r in res] == [dlm.tokenizer.decode(want[b][gen[b]], skip_special_tokens=True) for b in range(2)]
+    assert all(len(r["generation"].split()) >= 1 and r["sampler"] == "eb" for r in res)
