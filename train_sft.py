@@ -28,7 +28,8 @@ symbolic release), or of {"messages": [{"role", "content"}, ...]} chats rendered
 template (the prompt is everything up to and including the generation prompt of the last assistant turn,
 the response is that turn). Pairs become "Question: <instruction>\nAnswer:" + " <output>" (the prompt of
 eval_zeroshot.py's gsm8k task), or with --chat_template one user turn of the chat template.
-`synthetic_arith` is a built-in generator of multi-step arithmetic word problems in GSM8K's symbolic format
+`synthetic_sort` (16 digits to sort: an answer of 16 digits whose positions all follow from the question, the
+task for parallel decoding) and `synthetic_arith`, a generator of multi-step arithmetic word problems in GSM8K's symbolic format
 (`<<a+b=c>> <<c-d=e>> #### e`), seeded, with disjoint train and test splits (--data takes the train split,
 --eval_data the test split). Every sequence is [BOS] prompt response [EOS], padded with EOS (which is
 trained, so the model learns where to stop) to --pad_to tokens, or to the longest sequence of the global
@@ -86,10 +87,11 @@ def build_parser():
     trainer.add_run_args(p, out_dir="out/sft", lr=2e-5, min_lr=2e-6, warmup_steps=10, max_steps=500, batch_size=8,
                  eval_every=100, save_every=100)
     a = p.add_argument
-    a("--data", default=SYNTHETIC, help="training pairs: .json/.jsonl file, or 'synthetic_arith' (its train split)")
-    a("--eval_data", default=None, help="evaluation pairs: .json/.jsonl file, or 'synthetic_arith' (its test split)")
+    a("--data", default=SYNTHETIC, help="training pairs: .json/.jsonl file, or a built-in task, synthetic_arith or "
+      "synthetic_sort (its train split)")
+    a("--eval_data", default=None, help="evaluation pairs: .json/.jsonl file, or a built-in task (its test split)")
     a("--eval_n", type=at_least(0), default=100, help="evaluate on the first N examples of --eval_data (0 = all)")
-    a("--synthetic_n", type=at_least(1), default=5000, help="synthetic_arith: training problems generated")
+    a("--synthetic_n", type=at_least(1), default=5000, help="built-in tasks: training problems generated")
     a("--chat_template", action="store_true", help="render pairs as one user turn of the tokenizer's chat template")
     a("--seq_len", type=at_least(2), default=512, help="longest sequence (BOS + prompt + response + EOS); longer is an error")
     a("--pad_to", type=at_least(1), default=None, help="pad every sequence with EOS to this length (default: to the longest of the batch)")
@@ -183,26 +185,43 @@ def synthetic_problem(rng):
     return " ".join(text), " ".join(steps) + f" #### {n}"
 
 
-def synthetic_arith(split, n, seed=0):
-    """`n` distinct problems of one split. A problem belongs to the test split when a hash of its question
-    (stable across runs and machines) is 0 mod 10, so the splits never share a question."""
+def sort_problem(rng, n_digits=16):
+    """Sixteen random digits to sort, e.g. ("Sort these digits from smallest to largest: 7 3 9 1 ...",
+    "1 3 7 9 ..."): an answer of 16 digits whose every position follows from the question alone (the count of
+    each digit), so a diffusion model can learn to write many of them in one step, and one a 135M AR model learns
+    on a CPU."""
+    digits = [rng.randint(0, 9) for _ in range(n_digits)]
+    return ("Sort these digits from smallest to largest: " + " ".join(map(str, digits)),
+            " ".join(map(str, sorted(digits))))
+
+
+SYNTHETIC_TASKS = {"synthetic_arith": synthetic_problem, "synthetic_sort": sort_problem}
+
+
+def synthetic(task, split, n, seed=0):
+    """`n` distinct problems of one split of a built-in task. A problem belongs to the test split when a hash of
+    its question (stable across runs and machines) is 0 mod 10, so the splits never share a question."""
     import zlib
     rng, out, seen = random.Random(seed), [], set()
     for _ in range(200 * n):
-        q, a = synthetic_problem(rng)
+        q, a = SYNTHETIC_TASKS[task](rng)
         if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == "test"):
             continue
         seen.add(q)
         out.append({"instruction": q, "output": a})
         if len(out) == n:
             return out
-    raise ValueError(f"synthetic_arith: only {len(out)} distinct {split} problems, {n} asked for")
+    raise ValueError(f"{task}: only {len(out)} distinct {split} problems, {n} asked for")
+
+
+def synthetic_arith(split, n, seed=0):
+    return synthetic("synthetic_arith", split, n, seed)
 
 
 def read_pairs(data, flag, n_synthetic, split):
     """Records of --data / --eval_data: a file, or the synthetic generator's split."""
-    if data == SYNTHETIC and not os.path.exists(data):
-        return synthetic_arith(split, n_synthetic), SYNTHETIC
+    if data in SYNTHETIC_TASKS and not os.path.exists(data):
+        return synthetic(data, split, n_synthetic), data
     try:
         return read_records(data), data
     except DataError as e:

@@ -541,3 +541,13 @@ def test_self_distillation_keeps_what_the_checker_accepts_and_trains(setup, tmp_
     train_sft.main(["--model_name", str(out), "--data", str(target), "--seq_len", "32", "--batch_size", "4",
                     "--max_steps", "2", "--certainty_weight", "1", "--eval_every", "0", "--out_dir", str(tmp_path / "cert")])
     assert [r["step"] for r in read_log(tmp_path / "cert")] == [1, 2]
+
+
+def test_synthetic_sort_seeded_disjoint_and_sorted():
+    train, test = train_sft.synthetic("synthetic_sort", "train", 200), train_sft.synthetic("synthetic_sort", "test", 30)
+    assert train == train_sft.synthetic("synthetic_sort", "train", 200)
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
+    for r in train + test:
+        digits = r["instruction"].split(": ")[1].split()
+        assert len(digits) == 16 and r["output"].split() == sorted(digits)
+    assert train_sft.read_pairs("synthetic_sort", "--data", 5, "train") == (train[:5], "synthetic_sort")
