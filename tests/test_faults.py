@@ -445,7 +445,8 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train_adapt.py: error:")]
-    assert lines and len(set(lines)) == 1 and "Traceback" not in r.stderr.split(lines[0])[0] or ranks == 2, r.stderr
+    assert lines and len(set(lines)) == 1, r.stderr          # every rank says the same line
+    assert ranks == 2 or "Traceback" not in r.stderr         # (torchrun adds its own report of the failed ranks)
     assert re.search(r"step 5: non-finite loss or gradient \(loss nan, grad norm nan\) at lr [0-9.e-]+: the run "
                      r"diverged and stopped; the last checkpoint, .*step_000004, is kept", lines[0]), lines[0]
     assert finite_checkpoints(out) == ["step_000004"] and not os.path.exists(out / "final")
