@@ -434,15 +434,16 @@ def diverge_args(setup, out, *extra):
     return common(setup, out, "--max_steps", "6", "--save_every", "2", "--keep_last", "1", "--eval_every", "0", *extra)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, ranks):
+@pytest.mark.parametrize("ranks,fsdp", [(1, False), (2, False), (2, True)])
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, ranks, fsdp):
     """nan at step 5: non-zero exit, one error line naming the step, the loss and the learning rate; the step-4
-    checkpoint (the last good one, --keep_last 1) is still there, nothing after it was written, all finite."""
+    checkpoint (the last good one, --keep_last 1) is still there, nothing after it was written, all finite. The
+    same on 2 gloo ranks, under DDP and FSDP."""
     out = tmp_path / "run"
     cmd = ([sys.executable, WORKER] if ranks == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER])
-    r = subprocess.run(cmd + diverge_args(setup, out), env=dict(subprocess_env(), DLM_NAN_STEPS="5"),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + diverge_args(setup, out, *(["--fsdp"] if fsdp else [])),
+                       env=dict(subprocess_env(), DLM_NAN_STEPS="5"), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train_adapt.py: error:")]
     assert lines and len(set(lines)) == 1, r.stderr          # every rank says the same line
@@ -488,6 +489,24 @@ def test_two_bad_steps_exceed_skip_nonfinite(setup, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"step 4: non-finite .* the last checkpoint, .*step_000002, is kept"):
         ta.main(diverge_args(setup, tmp_path / "run", "--skip_nonfinite", "1"))
     assert finite_checkpoints(tmp_path / "run") == ["step_000002"]
+
+
+def test_diverging_sft_run_stops(tmp_path, monkeypatch):
+    """train_sft.py runs the same loop: nan at its step 2 stops it with the same line, step 1's checkpoint kept."""
+    from conftest import save_tiny_ar
+    real, calls = train_sft.diffusion_loss, []
+
+    def nan_at_2(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(1)
+        return ((out[0] * float("nan"),) + tuple(out[1:])) if len(calls) == 2 else out
+    monkeypatch.setattr(train_sft, "diffusion_loss", nan_at_2)
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit, match=r"train_sft.py: error: step 2: non-finite .* the last checkpoint, .*step_000001"):
+        train_sft.main(["--model_name", save_tiny_ar(tmp_path / "tiny"), "--data", "synthetic_arith", "--synthetic_n", "8",
+                        "--seq_len", "64", "--batch_size", "4", "--max_steps", "3", "--save_every", "1",
+                        "--eval_every", "0", "--out_dir", str(out)])
+    assert finite_checkpoints(out) == ["step_000001"]
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_never_written(setup, tmp_path):
