@@ -272,8 +272,8 @@ ADAPTER_CONFIG = "adapter_config.json"   # a PEFT LoRA adapter folder
 
 def merge_adapter(hf, adapter_path, shift=None):
     """Merge a PEFT LoRA adapter folder into the transformers model (its modules_to_save, e.g. embed_tokens,
-    replace the model's). An adapter saved by train_sft.py also carries dlm_config.json (shift, block_size),
-    which is applied unless `shift` is given. Returns (merged model, shift)."""
+    replace the model's). An adapter saved by train_sft.py also carries dlm_config.json (shift, block_size, the
+    prompt template), applied to the merged model (shift unless `shift` is given). Returns (merged model, shift)."""
     if not os.path.exists(os.path.join(adapter_path, ADAPTER_CONFIG)):
         raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
     check_model_folder(adapter_path)
@@ -285,8 +285,9 @@ def merge_adapter(hf, adapter_path, shift=None):
     if os.path.exists(extra):
         with open(extra) as f:
             settings = json.load(f)
-        if settings.get("block_size"):
-            hf.config.block_size = settings["block_size"]
+        for key in ("block_size", "prompt_template"):   # what the base model's config does not say
+            if settings.get(key):
+                setattr(hf.config, key, settings[key])
         if shift is None and "shift" in settings:
             shift = settings["shift"]
     return hf, shift
@@ -380,7 +381,8 @@ class DiscreteDiffusionModel(nn.Module):
         if hasattr(self.model, "peft_config"):   # a LoRA adapter: what the base model's config does not say
             with open(os.path.join(path, ADAPTER_EXTRA), "w") as f:
                 json.dump({"mask_token_id": self.mask_token_id, "shift": self.shift,
-                           "block_size": getattr(self.config, "block_size", None)}, f, indent=1)
+                           "block_size": getattr(self.config, "block_size", None),
+                           "prompt_template": getattr(self.config, "prompt_template", None)}, f, indent=1)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 

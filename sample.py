@@ -91,20 +91,21 @@ def sample_ar(args):
     """--ar: the causal LM's own decoding, cached `generate` from each prompt (BOS first when the tokenizer has
     one), --gen_len new tokens, stopping at EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from model import resolve_model_path, start_token_id
+    from model import merge_adapter, resolve_model_path, run_base_model, start_token_id
     device = args.device or default_device()
     try:
-        path = resolve_model_path(args.model_name)
+        path, adapter = resolve_model_path(args.model_name), args.adapter_path
+        if adapter is None and os.path.isfile(os.path.join(path, "adapter_config.json")) \
+                and not os.path.isfile(os.path.join(path, "config.json")):   # a LoRA run's checkpoint: on its base
+            if run_base_model(path) is None:
+                args.error(f"--model_name {path} holds a LoRA adapter alone: give the model it was trained on as "
+                           f"--model_name and this folder as --adapter_path")
+            path, adapter = resolve_model_path(run_base_model(path)), path
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype or default_dtype(device)],
                                                   attn_implementation=args.attn_implementation)
-        tok = AutoTokenizer.from_pretrained(path)
-        if args.adapter_path:
-            from peft import PeftModel
-            hf = PeftModel.from_pretrained(hf, args.adapter_path).merge_and_unload()
-            extra = os.path.join(args.adapter_path, "dlm_config.json")
-            if os.path.exists(extra):
-                with open(extra) as f:
-                    hf.config.prompt_template = json.load(f).get("prompt_template")
+        tok = AutoTokenizer.from_pretrained(adapter or path)
+        if adapter:
+            hf, _ = merge_adapter(hf, adapter)
     except (OSError, ValueError) as e:
         args.error(first_line(e))
     if getattr(hf.config, "is_causal", True) is False:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -551,3 +552,35 @@ def test_synthetic_sort_seeded_disjoint_and_sorted():
         digits = r["instruction"].split(": ")[1].split()
         assert len(digits) == 16 and r["output"].split() == sorted(digits)
     assert train_sft.read_pairs("synthetic_sort", "--data", 5, "train") == (train[:5], "synthetic_sort")
+
+
+def test_ar_lora_run_samples_with_its_template(setup, tmp_path):
+    """An --ar LoRA run: its final checkpoint is an adapter; sample.py --ar given the run folder merges it into
+    the model the run started from and puts the question in the template kept beside the adapter."""
+    out = tmp_path / "ar_lora"
+    train_sft.main(common(setup, out, "--ar", "--max_steps", "2", "--lora_r", "4", "--eval_every", "0"))
+    final = out / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "config.json").exists()
+    assert json.loads((final / "dlm_config.json").read_text())["prompt_template"] == train_sft.PROMPT
+    import sample as sample_py
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel
+    res = sample_py.main(["--model_name", str(out), "--ar", "--prompt", TOY[0]["instruction"], "--gen_len", "3"])
+    tok = AutoTokenizer.from_pretrained(final)
+    with warnings.catch_warnings():   # peft's own use of a deprecated transformers alias
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), str(final)).merge_and_unload()
+    p = [tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(TOY[0]["instruction"]), add_special_tokens=False)
+    want = hf.generate(torch.tensor([p]), max_new_tokens=3, do_sample=False, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.eos_token_id)
+    assert res[0]["generation"] == tok.decode(want[0, len(p):], skip_special_tokens=True)
+
+
+def test_lora_adapter_carries_the_prompt_template(setup, tmp_path):
+    """A diffusion LoRA run keeps its prompt template in dlm_config.json; loading base + adapter puts it on the
+    merged model's config, so sample.py applies it as for a full run."""
+    out = tmp_path / "lora"
+    train_sft.main(common(setup, out, "--max_steps", "1", "--lora_r", "4", "--eval_every", "0"))
+    assert json.loads((out / "final" / "dlm_config.json").read_text())["prompt_template"] == train_sft.PROMPT
+    m = DiscreteDiffusionModel.from_pretrained(str(out))
+    assert m.config.prompt_template == train_sft.PROMPT
