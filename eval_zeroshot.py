@@ -451,9 +451,10 @@ class Scorer:
         for s in range(0, len(jobs), self.batch_size):
             chunk = jobs[s:s + self.batch_size]
             ids, att = self._pad([seqs[r] for r, _, _ in chunk])
-            m = torch.zeros_like(ids, dtype=torch.bool)
+            m = torch.zeros(ids.shape, dtype=torch.bool)
             for b, (_, mask, _) in enumerate(chunk):
-                m[b, ids.shape[1] - len(mask):] = mask.to(self.device)
+                m[b, ids.shape[1] - len(mask):] = mask
+            m = m.to(self.device)
             logits = self.model(ids.masked_fill(m, self.model.mask_token_id), att, target_mask=m).float()
             logp = -F.cross_entropy(logits, ids[m], reduction="none").double().cpu()
             draw = torch.arange(len(chunk)).repeat_interleave(m.sum(1).cpu())

@@ -1,6 +1,7 @@
 """eval_zeroshot.py: readers and scorers on fixture files, --ar against a hand computation, padding,
 every task end to end, bad input, and the lm-eval adapter against the script's own numbers."""
 import csv
+import math
 import json
 import os
 
@@ -421,6 +422,19 @@ def test_lm_eval_harness_matches_the_script(models, data_dir, tmp_path, monkeypa
         assert by_goal[raw["goal"]] == pytest.approx(rec["loglik"], abs=1e-9)
 
 
+def test_lm_eval_arc_matches_the_script(models, data_dir, tmp_path, monkeypatch):
+    """lm-eval's arc_easy on a local file (tiny_arc.yaml): the harness's acc and acc_norm are the script's."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = lm_eval_tasks(tmp_path, data_dir)
+    for ar in ([], ["--ar"]):
+        common = ["--model_name", models["dlm"], "--mc_num", "8", "--no_progress"] + ar
+        ours = ez.main(common + ["--tasks", "arc_easy", "--data_path", os.path.join(data_dir, "arc_easy.jsonl")])
+        harness = ez.main(common + ["--lm_eval_tasks", "tiny_arc", "--lm_eval_include", tasks])["lm_eval"]["tiny_arc"]
+        assert harness["acc,none"] == ours["metrics"]["arc_easy"]["acc"]["value"]
+        assert harness["acc_norm,none"] == ours["metrics"]["arc_easy"]["acc_norm"]["value"]
+
+
 def test_lm_eval_rolling_and_generate_until(models):
     from types import SimpleNamespace as Req
     lm = ez.DiffusionLM(model_name=models["dlm"], mc_num="4", device="cpu", dtype="float32", max_gen_toks=6)
@@ -447,3 +461,215 @@ def test_lm_eval_cli_default_device_falls_back_to_cpu(models, capsys):
     lm = ez.DiffusionLM.create_from_arg_string(f"model_name={models['dlm']},mc_num=4", {"device": "cuda", "batch_size": "auto"})
     assert lm.scorer.device == "cpu" and lm.scorer.batch_size == 32
     assert "no CUDA here" in capsys.readouterr().err
+
+
+# -- ARC and WikiText ------------------------------------------------------------------------------------
+
+def test_arc_examples_letters_and_numeric_keys():
+    ex = ez.make_example("arc_easy", RECORDS["arc_easy"][0], "f", 1)
+    assert ex["pairs"][1] == ("Question: who is the king\nAnswer:", " the night") and ex["gold"] == 0
+    assert ez.make_example("arc_easy", RECORDS["arc_easy"][1], "f", 2)["gold"] == 2            # labels and key 1-5
+    assert ez.make_example("arc_challenge", RECORDS["arc_challenge"][0], "f", 1)["gold"] == 4
+    four = {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}
+    assert ez.make_example("arc_easy", {"question": "q", "choices": four, "answerKey": "3"}, "f", 1)["gold"] == 2
+    digits = {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}
+    assert ez.make_example("arc_easy", {"question": "q", "choices": digits, "answerKey": "B"}, "f", 1)["gold"] == 1
+    as_text = {"question": "q", "choices": json.dumps(four), "answerKey": "D"}                   # a CSV cell
+    assert ez.make_example("arc_easy", as_text, "f", 1)["gold"] == 3
+    with pytest.raises(ez.DataError, match=r"f record 7: answerKey 'F' is none of the choice labels"):
+        ez.make_example("arc_easy", {"question": "q", "choices": four, "answerKey": "F"}, "f", 7)
+    with pytest.raises(ez.DataError, match=r"f record 2: 4 choice texts but 3 labels"):
+        ez.make_example("arc_easy", {"question": "q", "choices": {"text": four["text"], "label": ["A", "B", "C"]},
+                                     "answerKey": "A"}, "f", 2)
+
+
+def test_wikitext_reader_cuts_articles(data_dir):
+    recs, path = ez.load_task_records("wikitext", data_dir=data_dir)
+    assert path.endswith("wikitext2_test.txt")
+    assert [r["page"] for r in recs] == [" = The King = \n\n the king said good night to the queen . \n\n = = Love = = \n\n"
+                                         " and so the day was good ", " = My Lord = \n\n my lord is good and you are not "]
+    ex = ez.make_example("wikitext", recs[1], path, 2)
+    assert (ex["words"], ex["bytes"]) == (12, len(recs[1]["page"]))
+    # a jsonl copy of the document-level release reads the same
+    assert ez.make_example("wikitext", {"page": recs[1]["page"]}, "f", 1) == ex
+    assert ez.wikitext_articles("no heading here\n\n = A = \n\n b \n") == [{"page": "no heading here"},
+                                                                            {"page": " = A = \n\n b "}]
+
+
+@pytest.mark.parametrize("n, window, stride", [(1, 4, 3), (3, 4, 3), (10, 4, 3), (10, 4, 1), (10, 5, 2), (7, 16, 8)])
+def test_rolling_windows_score_every_token_once(n, window, stride):
+    ids = list(range(100, 100 + n))
+    ws = ez.rolling_windows(ids, 1, window, stride)
+    assert [t for _, tgt in ws for t in tgt] == ids
+    x = [1] + ids
+    for k, (ctx, tgt) in enumerate(ws):
+        assert 1 <= len(ctx) and len(ctx) + len(tgt) <= window
+        p = x.index(tgt[0])
+        assert ctx == x[p - len(ctx):p]                                   # the tokens right before the targets
+        if k == 0:
+            assert ctx == [1] and len(tgt) == min(n, window - 1)
+        elif k < len(ws) - 1:
+            assert len(tgt) == stride and len(ctx) == window - stride
+        else:
+            assert len(ctx) + len(tgt) == window or ctx[0] == 1           # the last one fills the window
+
+
+def wikitext_examples(text=None):
+    recs = ez.wikitext_articles(text or WIKITEXT)
+    return [ez.make_example("wikitext", r, "f", i) for i, r in enumerate(recs, 1)]
+
+
+def test_wikitext_ar_perplexity_is_the_hand_computation(models):
+    s = scorer(models["ar"], ar=True)
+    ref = AutoModelForCausalLM.from_pretrained(models["ar"]).eval()
+    exs = wikitext_examples()
+    nll, n_tok = 0.0, 0
+    with torch.no_grad():
+        for ex in exs:       # one window each: every token after all the ones before it
+            ids = [s.start] + s.encode(ex["text"])
+            logp = F.log_softmax(ref(torch.tensor([ids])).logits[0].double(), -1)
+            nll -= sum(float(logp[j - 1, ids[j]]) for j in range(1, len(ids)))
+            n_tok += len(ids) - 1
+    words, n_bytes = sum(ex["words"] for ex in exs), sum(ex["bytes"] for ex in exs)
+    metrics, recs = ez.run_task(s, "wikitext", exs, progress=False)
+    assert metrics["token_perplexity"][0] == pytest.approx(math.exp(nll / n_tok), rel=1e-5)
+    assert metrics["word_perplexity"][0] == pytest.approx(math.exp(nll / words), rel=1e-5)
+    assert metrics["bits_per_byte"][0] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
+    assert [r["windows"] for r in recs] == [1, 1] and sum(r["tokens"] for r in recs) == n_tok
+    # the text fits one window: any window that holds it, and any stride, give the same numbers
+    longest = max(len(s.encode(ex["text"])) for ex in exs) + 1
+    for window, stride in ((longest, None), (longest, 2), (64, 5)):
+        other, _ = ez.run_task(s, "wikitext", exs, progress=False, window=window, stride=stride)
+        for k in metrics:
+            assert other[k][0] == pytest.approx(metrics[k][0], rel=1e-6)
+
+
+def test_wikitext_ar_sliding_window_by_hand(models):
+    """A text longer than the window: each token scored once, after the window - stride tokens before
+    its window's first target (more for the first and the last window)."""
+    s = scorer(models["ar"], ar=True)
+    ref = AutoModelForCausalLM.from_pretrained(models["ar"]).eval()
+    text = " = The King = \n\n " + " ".join(["the king said good night to the queen and"] * 3)
+    exs = wikitext_examples(text)
+    ids = [s.start] + s.encode(exs[0]["text"])
+    window, stride = 8, 3
+    nll, p = 0.0, 0
+    with torch.no_grad():
+        while p < len(ids) - 1:
+            n = min(window - 1 if p == 0 else stride, len(ids) - 1 - p)
+            lo = max(0, p + 1 - (window - n))
+            logp = F.log_softmax(ref(torch.tensor([ids[lo:p + 1 + n]])).logits[0].double(), -1)
+            nll -= sum(float(logp[j - lo - 1, ids[j]]) for j in range(p + 1, p + 1 + n))
+            p += n
+    metrics, recs = ez.run_task(s, "wikitext", exs, progress=False, window=window, stride=stride)
+    assert recs[0]["windows"] > 3
+    assert metrics["token_perplexity"][0] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+    one, _ = ez.run_task(s, "wikitext", exs, progress=False)          # one window of 64: more context, other numbers
+    assert one["token_perplexity"][0] != pytest.approx(metrics["token_perplexity"][0], rel=1e-6)
+
+
+def test_wikitext_diffusion_bound_is_the_sum_of_elbo_loglik(models):
+    from model import elbo_loglik
+    s = scorer(models["dlm"], mc_num=6, seed=3)
+    text = " = The King = \n\n " + " ".join(["the king said good night to the queen and"] * 3)
+    exs = wikitext_examples(text) + wikitext_examples()
+    window, stride = 10, 4
+    total, n_tok = 0.0, 0
+    for ex in exs:
+        for ctx, tgt in ez.rolling_windows(s.encode(ex["text"]), s.start, window, stride):
+            ids = torch.tensor([ctx + tgt])
+            tm = torch.zeros_like(ids, dtype=torch.bool)
+            tm[0, len(ctx):] = True
+            total += float(elbo_loglik(s.model, ids, tm, mc_num=6, generator=s.generator(ctx + tgt, len(tgt)))[0])
+            n_tok += len(tgt)
+    metrics, _ = ez.run_task(s, "wikitext", exs, progress=False, window=window, stride=stride)
+    assert metrics["token_perplexity"][0] == pytest.approx(math.exp(-total / n_tok), rel=1e-6)
+    words = sum(ex["words"] for ex in exs)
+    assert metrics["word_perplexity"][0] == pytest.approx(math.exp(-total / words), rel=1e-6)
+
+
+def test_wikitext_output_says_the_diffusion_number_is_a_bound(models, data_dir, capsys):
+    common = ["--model_name", models["dlm"], "--tasks", "wikitext", "--data_dir", data_dir, "--mc_num", "4",
+              "--ppl_window", "16", "--ppl_stride", "6", "--no_progress"]
+    res = ez.main(common)
+    m = res["metrics"]["wikitext"]
+    assert m["perplexity"].startswith("upper bound") and (m["window"], m["stride"]) == (16, 6) and m["n"] == 2
+    assert "wikitext: upper bound" in capsys.readouterr().out
+    ar = ez.main(common + ["--ar", "--ppl_window", "1000"])["metrics"]["wikitext"]
+    assert ar["perplexity"].startswith("exact") and ar["window"] == 64      # capped at the model's positions
+    with pytest.raises(SystemExit):
+        ez.main(common + ["--ppl_stride", "16"])
+    assert "--ppl_stride 16 must be below --ppl_window 16" in capsys.readouterr().err
+
+
+# -- batching --------------------------------------------------------------------------------------------
+
+def task_examples(data_dir):
+    out = {}
+    for task in ez.TASKS:
+        recs, src = ez.load_task_records(task, data_dir=data_dir)
+        out[task] = [ez.make_example(task, r, src, i) for i, r in enumerate(recs, 1)]
+    return out
+
+
+@pytest.mark.parametrize("ar", [False, True])
+def test_batched_evaluation_is_one_example_at_a_time(models, data_dir, ar):
+    """Every task: all examples in one batch give each example's scores and predictions alone."""
+    wide, narrow = scorer(models["dlm"], ar=ar, batch_size=64, mc_num=5), scorer(models["dlm"], ar=ar, batch_size=1, mc_num=5)
+    for task, exs in task_examples(data_dir).items():
+        kw = dict(window=12, stride=5) if task == "wikitext" else {}
+        _, together = ez.run_task(wide, task, exs, gen_len=3, progress=False, **kw)
+        alone = [ez.run_task(narrow, task, [ex], gen_len=3, progress=False, **kw)[1][0] for ex in exs]
+        assert len(together) == len(alone) == len(exs)
+        for a, b in zip(together, alone):
+            assert a.keys() == b.keys(), task
+            for k in a:
+                if k == "loglik":
+                    assert a[k] == pytest.approx(b[k], abs=1e-4), task
+                else:
+                    assert a[k] == b[k], (task, k)
+
+
+def test_packed_elbo_is_elbo_loglik_row_by_row(models):
+    """The packed draws (repeated masks run once) give model.elbo_loglik's estimate of each row."""
+    from model import elbo_loglik
+    for method in ("stratified", "antithetic", "iid", "deterministic"):
+        s = scorer(models["dlm"], mc_num=16, method=method, batch_size=7)
+        pairs = [s.encode_pair(c, t) for c, t in [("the king said to", " his"), ("o", " my lord is good and"),
+                                                   ("a man", " and so"), ("the", "")]]
+        got = s.loglik(pairs)
+        for (ctx, tgt), (ll, _) in zip(pairs, got):
+            ids = torch.tensor([ctx + tgt])
+            tm = torch.zeros_like(ids, dtype=torch.bool)
+            tm[0, len(ctx):] = True
+            want = float(elbo_loglik(s.model, ids, tm, mc_num=16, generator=s.generator(ctx + tgt, len(tgt)), method=method)[0])
+            assert ll == pytest.approx(want, abs=1e-5), method
+
+
+# -- the real files ------------------------------------------------------------------------------------
+
+SHARED = [d for d in (os.environ.get("DLM_SHARED_DATA"), "/work/shared/data",
+                      os.path.join(HERE, "..", "..", "shared", "data")) if d and os.path.isdir(d)]
+
+
+@pytest.mark.skipif(not SHARED, reason="no shared/data folder beside the repository")
+@pytest.mark.parametrize("task", ez.TASKS)
+def test_every_task_reads_its_shared_file(task):
+    """The first records of each real file through --data_dir, as the script reads them."""
+    if not ez.find_data_file(task, SHARED[0]):
+        pytest.skip(f"{SHARED[0]} has no file for {task}")
+    recs, path = ez.load_task_records(task, data_dir=SHARED[0])
+    exs = [ez.make_example(task, r, path, i) for i, r in enumerate(recs[:5], 1)]
+    assert len(exs) == 5
+    for ex in exs:
+        if task in ez.MC_TASKS:
+            assert len(ex["pairs"]) >= 2 and 0 <= ex["gold"] < len(ex["pairs"])
+            assert all(c.strip() and t.strip() for c, t in ex["pairs"])
+        elif task == "wikitext":
+            assert ex["text"].startswith(" = ") and ex["words"] > 100
+        else:
+            assert all(isinstance(v, (str, list)) and v for k, v in ex.items() if k != "prefix")
+    if task == "wikitext":
+        assert len(recs) == 62      # WikiText-2 test: 62 articles
+    if task in ("arc_easy", "arc_challenge"):   # every record: the answer key is one of the labels
+        assert all(ez.make_example(task, r, path, i)["gold"] >= 0 for i, r in enumerate(recs, 1))
