@@ -804,11 +804,11 @@ def is_results_file(path):
 
 
 def print_table(rows):
-    print(f"| {'task':<11} | {'metric':<11} | {'value':>8} | {'stderr':>8} | {'n':>6} |")
-    print(f"|{'-' * 13}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'task':<13} | {'metric':<16} | {'value':>10} | {'stderr':>8} | {'n':>6} |")
+    print(f"|{'-' * 15}|{'-' * 18}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
     for task, metric, value, se, n in rows:
         se = "-" if se is None else f"{se:.4f}"
-        print(f"| {task:<11} | {metric:<11} | {value:8.4f} | {se:>8} | {n:>6} |")
+        print(f"| {task:<13} | {metric:<16} | {value:10.4f} | {se:>8} | {n:>6} |")
 
 
 def main(argv=None):
