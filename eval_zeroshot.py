@@ -39,7 +39,7 @@ from tqdm import tqdm
 from attention_patch import resolve_attn_implementation
 from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, normalize_answer,
                     read_records)
-from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, elbo_draws, add_sampler_args, cpu_thread_hint,
+from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, _cache_keyword, elbo_draws, add_sampler_args, cpu_thread_hint,
                    cut_at_eos, default_device, default_dtype, hub_failure, layout_rows, load_tokenizer, max_positions,
                    pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
 
@@ -55,6 +55,9 @@ DATA_FILES = {t: [t] for t in TASKS} | {"lambada": ["lambada", "lambada_test"], 
 # wikitext: windows of at most this many tokens (capped at the model's positions), each scoring
 # --ppl_stride new tokens (default window - 1: disjoint windows, each token after 1 to window - 1 others)
 PPL_WINDOW = 1024
+# a forward holds at most --batch_size sequences and this many token positions: long windows go a few
+# at a time, so the logits ([positions, vocabulary] floats) stay in memory
+FORWARD_TOKENS = 4096
 EXTENSIONS = (".jsonl", ".json", ".csv", ".txt")
 # the usual public copy of each task (datasets.load_dataset), used with --download
 HF_SOURCES = {"lambada": ("EleutherAI/lambada_openai", "default", "test"),
@@ -405,18 +408,56 @@ class Scorer:
                 for b, i in enumerate(idx):
                     gr[i] = bool((pred[b][tm[b]] == ids[b][tm[b]]).all())
             return list(zip(ll, gr))
-        out = [None] * len(pairs)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            ids, att = self._pad([seqs[i] for i in idx])
-            k = max(len(pairs[i][1]) for i in idx)          # the LM head runs on the last k + 1 positions only
-            logits = self.model(input_ids=ids, attention_mask=att, position_ids=positions_from_mask(att),
-                                logits_to_keep=k + 1).logits[:, :-1].float()
-            tgt, tm = ids[:, ids.shape[1] - k:], self.target_mask(ids, [len(pairs[i][1]) for i in idx])[:, ids.shape[1] - k:]
+        return self.ar_loglik(pairs, progress)
+
+    def ar_loglik(self, pairs, progress=None):
+        """Exact log-likelihoods and greedy flags, each context run once for all the continuations that
+        share it (the choices of one question): its keys and values are copied to every continuation's
+        row, which then runs only its own tokens. Forwards hold about batch_size continuations."""
+        by_ctx = {}
+        for i, (c, _) in enumerate(pairs):
+            by_ctx.setdefault(tuple(c), []).append(i)
+        # (context, its rows), longest first, a context with more than batch_size continuations split
+        groups = sorted(((c, rows[k:k + self.batch_size]) for c, rows in by_ctx.items()
+                         for k in range(0, len(rows), self.batch_size)),
+                        key=lambda g: (-len(g[0]) - max(len(pairs[i][1]) for i in g[1]), -len(g[1])))
+        out, s = [None] * len(pairs), 0
+        while s < len(groups):
+            longest = len(groups[s][0]) + max(len(pairs[i][1]) for i in groups[s][1])
+            chunk, n_rows = [], 0
+            while s < len(groups) and (not chunk or (n_rows + len(groups[s][1]) <= self.batch_size
+                                                     and (n_rows + len(groups[s][1])) * longest <= FORWARD_TOKENS)):
+                chunk.append(groups[s])
+                n_rows += len(groups[s][1])
+                s += 1
+            ids, att = self._pad([list(c) for c, _ in chunk])
+            res = self.model(input_ids=ids, attention_mask=att, position_ids=positions_from_mask(att), use_cache=True,
+                             logits_to_keep=1)
+            idx = [i for _, rows in chunk for i in rows]
+            owner = torch.tensor([k for k, (_, rows) in enumerate(chunk) for _ in rows], device=self.device)
+            conts = [pairs[i][1] for i in idx]
+            T = max(len(t) for t in conts)
+            # logits [R, T, V]: position j predicts continuation token j; the first from the context's last position
+            logits = res.logits[:, -1:].float()[owner][:, :T]
+            if T > 1:
+                x = torch.full((len(idx), T - 1), self.pad, dtype=torch.long)
+                x_att = torch.zeros_like(x)
+                for r, t in enumerate(conts):
+                    x[r, :max(0, len(t) - 1)] = torch.tensor(t[:-1], dtype=torch.long)
+                    x_att[r, :max(0, len(t) - 1)] = 1
+                x, x_att = x.to(self.device), x_att.to(self.device)
+                cache = getattr(res, "cache", None) or res.past_key_values
+                cache.reorder_cache(owner)
+                pos = att.sum(1)[owner, None] + torch.arange(T - 1, device=self.device)
+                more = self.model(input_ids=x, attention_mask=torch.cat([att[owner], x_att], 1), position_ids=pos,
+                                  use_cache=True, **{_cache_keyword(type(self.model)): cache}).logits.float()
+                logits = torch.cat([logits, more], 1)
+            tgt = torch.tensor([t + [0] * (T - len(t)) for t in conts], dtype=torch.long, device=self.device).view(len(idx), T)
+            tm = torch.tensor([[j < len(t) for j in range(T)] for t in conts], dtype=torch.bool, device=self.device).view(len(idx), T)
             logp = F.log_softmax(logits, -1).gather(-1, tgt[:, :, None]).squeeze(-1)
             hit = logits.argmax(-1) == tgt
-            for b, i in enumerate(idx):
-                out[i] = (float((logp[b].double() * tm[b]).sum()), bool(hit[b][tm[b]].all()))
+            for r, i in enumerate(idx):
+                out[i] = (float((logp[r].double() * tm[r]).sum()), bool(hit[r][tm[r]].all()))
             if progress is not None:
                 progress.update(len(idx))
         return out
@@ -447,9 +488,10 @@ class Scorer:
         left = Counter(r for r, _, _ in jobs)
         if progress is not None:
             progress.update(len(seqs) - len(left))
-        total = [0.0] * len(seqs)
-        for s in range(0, len(jobs), self.batch_size):
-            chunk = jobs[s:s + self.batch_size]
+        total, s = [0.0] * len(seqs), 0
+        while s < len(jobs):
+            chunk = jobs[s:s + max(1, min(self.batch_size, FORWARD_TOKENS // len(seqs[jobs[s][0]])))]
+            s += len(chunk)
             ids, att = self._pad([seqs[r] for r, _, _ in chunk])
             m = torch.zeros(ids.shape, dtype=torch.bool)
             for b, (_, mask, _) in enumerate(chunk):

@@ -180,6 +180,25 @@ def test_ar_matches_hand_computation(models):
     assert s.generate(rows)[0] == ids[len(ctx):]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ar_choices_sharing_a_context_are_the_hand_computation(tmp_path, arch):
+    """The AR scorer runs a shared context once and its choices from its keys and values: each score is
+    still that of the whole sequence alone (GPT-2: absolute positions after a left-padded context)."""
+    path = save_tiny_ar(tmp_path / arch, arch, max_pos=64)
+    s = scorer(path, ar=True, batch_size=5)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    cases = [("the king said to", c) for c in (" his queen", " me", " the man and his lord", "")] + \
+            [("o", c) for c in (" my lord is good", " sir")] + [("a man and a day", " good night")]
+    pairs = [s.encode_pair(c, t) for c, t in cases]
+    for (ctx, cont), (ll, greedy) in zip(pairs, s.loglik(pairs)):
+        with torch.no_grad():
+            logits = ref(torch.tensor([ctx + cont])).logits[0].double()
+        lp = F.log_softmax(logits, -1)
+        want = sum(float(lp[len(ctx) + j - 1, t]) for j, t in enumerate(cont))
+        assert ll == pytest.approx(want, abs=1e-4)
+        assert greedy == all(int(logits[len(ctx) + j - 1].argmax()) == t for j, t in enumerate(cont))
+
+
 def test_ar_flag_scores_the_parent(models):
     assert ez.ar_parent(models["dlm"]) == os.path.abspath(models["ar"])
     assert ez.ar_parent(models["ar"]) == models["ar"]
@@ -628,6 +647,17 @@ def test_batched_evaluation_is_one_example_at_a_time(models, data_dir, ar):
                     assert a[k] == pytest.approx(b[k], abs=1e-4), task
                 else:
                     assert a[k] == b[k], (task, k)
+
+
+@pytest.mark.parametrize("ar", [False, True])
+def test_forwards_cut_to_the_token_budget_give_the_same_scores(models, monkeypatch, ar):
+    s = scorer(models["dlm"], ar=ar, batch_size=64)
+    pairs = [s.encode_pair(c, t) for c, t in [("the king said to", " his queen"), ("the king said to", " me"),
+                                               ("o", " my lord is good and"), ("a man", " and so"), ("the", "")]]
+    whole = s.loglik(pairs, greedy=True)
+    monkeypatch.setattr(ez, "FORWARD_TOKENS", 12)          # two or three sequences a forward, or one
+    for (a, ga), (b, gb) in zip(whole, s.loglik(pairs, greedy=True)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
 def test_packed_elbo_is_elbo_loglik_row_by_row(models):
