@@ -33,6 +33,7 @@ p.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "wik
 p.add_argument("--tasks", default=None, help=f"time these real tasks instead (from: {', '.join(ez.TASKS)})")
 p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="with --tasks: the task files")
 p.add_argument("--limit", type=at_least(1), default=20, help="with --tasks: first N examples of each task")
+p.add_argument("--only", default=None, choices=["diffusion", "ar"], help="time one of the two models (unset: both)")
 p.add_argument("--n", type=at_least(1), default=8, help="examples per task kind")
 p.add_argument("--n_multiple", type=at_least(1), default=2, help="examples of the multiple-choice kind (4 x mc_num forwards each)")
 p.add_argument("--mc_num", type=at_least(1), default=64, help="ELBO draws per scored continuation")
@@ -82,7 +83,7 @@ kinds = real_tasks(args.tasks) if args.tasks else shaped_tasks()
 warm = [ez.make_example("lambada", {"text": "a warm up line"}, "bench", 1)]
 
 rows = []
-for ar in (False, True):
+for ar in [m == "ar" for m in ([args.only] if args.only else ["diffusion", "ar"])]:
     scorer = ez.Scorer(args.model_name, ar=ar, mc_num=args.mc_num, batch_size=args.batch_size, device=args.device,
                        dtype=dtype)
     ez.run_task(scorer, "lambada", warm, progress=False)       # warm-up

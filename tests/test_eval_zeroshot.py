@@ -703,3 +703,18 @@ def test_every_task_reads_its_shared_file(task):
         assert len(recs) == 62      # WikiText-2 test: 62 articles
     if task in ("arc_easy", "arc_challenge"):   # every record: the answer key is one of the labels
         assert all(ez.make_example(task, r, path, i)["gold"] >= 0 for i, r in enumerate(recs, 1))
+
+
+def test_bench_eval_times_the_real_tasks(models, data_dir):
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(HERE, "..", "bench", "bench_eval.py"), "--model_name", models["dlm"],
+           "--tasks", "piqa,arc_easy,wikitext", "--data_dir", data_dir, "--limit", "2", "--mc_num", "2", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|")[1:4] for line in r.stdout.splitlines() if line.startswith("| ") and "examples/s" not in line]
+    assert [(t.strip(), m.strip(), int(n)) for t, m, n in rows] == \
+        [(t, m, 2) for m in ("diffusion", "AR") for t in ("piqa", "arc_easy", "wikitext")]
+    r = subprocess.run(cmd + ["--only", "ar", "--tasks", "nope"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unknown task 'nope'" in r.stderr.strip().splitlines()[-1]
