@@ -292,8 +292,9 @@ def mean_stderr(values):
 def ar_parent(model_name, base_model_name=None, _depth=0):
     """The AR model a diffusion checkpoint came from: `adapted_from` in its config, else --base_model_name
     (a DiffuGPT checkpoint's GPT-2), else `model_name` in the args.json of the run folder around it, else
-    the model itself. A parent that is itself a diffusion checkpoint (a train_sft.py run started from a
-    train_adapt.py checkpoint) is followed to its own parent."""
+    the model itself; a causal LM marked so in its config (train_sft.py --ar) is its own. A parent that is
+    itself a diffusion checkpoint (a train_sft.py run started from a train_adapt.py checkpoint) is followed to
+    its own parent."""
     try:
         path = resolve_model_path(model_name)
     except FileNotFoundError as e:
@@ -306,6 +307,8 @@ def ar_parent(model_name, base_model_name=None, _depth=0):
             return json.load(f).get(key)
 
     if os.path.isdir(path):
+        if entry(os.path.join(path, "config.json"), "is_causal") is True:   # a causal LM fine-tuned by train_sft.py --ar
+            return path
         run_dir = os.path.dirname(os.path.abspath(path))
         parent = (entry(os.path.join(path, "config.json"), "adapted_from") or base_model_name
                   or entry(os.path.join(run_dir, "args.json"), "model_name")
