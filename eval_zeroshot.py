@@ -420,16 +420,16 @@ class Scorer:
         by_ctx = {}
         for i, (c, _) in enumerate(pairs):
             by_ctx.setdefault(tuple(c), []).append(i)
-        # (context, its rows), longest first, a context with more than batch_size continuations split
-        groups = sorted(((c, rows[k:k + self.batch_size]) for c, rows in by_ctx.items()
-                         for k in range(0, len(rows), self.batch_size)),
-                        key=lambda g: (-len(g[0]) - max(len(pairs[i][1]) for i in g[1]), -len(g[1])))
+        # (context, its rows), longest first; a context's rows split to fit one forward
+        longest = lambda c, rows: len(c) + max(len(pairs[i][1]) for i in rows)
+        fit = lambda c, rows: max(1, min(self.batch_size, FORWARD_TOKENS // longest(c, rows)))
+        groups = sorted(((c, rows[k:k + fit(c, rows)]) for c, rows in by_ctx.items()
+                         for k in range(0, len(rows), fit(c, rows))), key=lambda g: (-longest(*g), -len(g[1])))
         out, s = [None] * len(pairs), 0
         while s < len(groups):
-            longest = len(groups[s][0]) + max(len(pairs[i][1]) for i in groups[s][1])
-            chunk, n_rows = [], 0
+            chunk, n_rows, top = [], 0, longest(*groups[s])
             while s < len(groups) and (not chunk or (n_rows + len(groups[s][1]) <= self.batch_size
-                                                     and (n_rows + len(groups[s][1])) * longest <= FORWARD_TOKENS)):
+                                                     and (n_rows + len(groups[s][1])) * top <= FORWARD_TOKENS)):
                 chunk.append(groups[s])
                 n_rows += len(groups[s][1])
                 s += 1

@@ -1,5 +1,7 @@
 """eval_zeroshot.py: readers and scorers on fixture files, --ar against a hand computation, padding,
-every task end to end, bad input, and the lm-eval adapter against the script's own numbers."""
+every task end to end, bad input, and the lm-eval adapter against the script's own numbers; ARC keys,
+WikiText articles, windows and perplexities (AR by hand, the diffusion bound as elbo_loglik's sum),
+batched scoring against one example at a time, and the first records of each real file in shared/data."""
 import csv
 import math
 import json
@@ -654,6 +656,7 @@ def test_forwards_cut_to_the_token_budget_give_the_same_scores(models, monkeypat
     s = scorer(models["dlm"], ar=ar, batch_size=64)
     pairs = [s.encode_pair(c, t) for c, t in [("the king said to", " his queen"), ("the king said to", " me"),
                                                ("o", " my lord is good and"), ("a man", " and so"), ("the", "")]]
+    pairs += [([s.start], s.encode(" the king said good night to the queen")[:k]) for k in range(1, 8)]   # one context
     whole = s.loglik(pairs, greedy=True)
     monkeypatch.setattr(ez, "FORWARD_TOKENS", 12)          # two or three sequences a forward, or one
     for (a, ga), (b, gb) in zip(whole, s.loglik(pairs, greedy=True)):
