@@ -1,4 +1,4 @@
-"""
+r"""
 Zero-shot evaluation of a diffusion LM beside its AR parent, on the DiffuGPT/DiffuLLaMA suite
 (LAMBADA, HellaSwag, Winogrande, PIQA, SIQA, ROCStories, TriviaQA, GSM8K), ARC-Easy/Challenge and
 WikiText perplexity, from local files.

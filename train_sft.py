@@ -1,4 +1,4 @@
-"""
+r"""
 Diffusion fine-tuning (SFT) of a diffusion LM on prompt -> response pairs: DiffuLLaMA's ddm-sft and LLaDA's
 SFT recipe (the prompt stays clean and carries no loss, the response is masked with t ~ U(eps, 1), 1/t-weighted
 cross-entropy), full or LoRA (peft), and dFactory / LLaDA2.0-style block-diffusion SFT (--block_size).
@@ -9,7 +9,7 @@ cross-entropy), full or LoRA (peft), and dFactory / LLaDA2.0-style block-diffusi
     python train_sft.py --model_name out/adapt/final --data synthetic_arith --block_size 8 --same_token_labels
     torchrun --nproc_per_node=2 train_sft.py --data synthetic_arith --max_steps 20        # 2 CPU processes (gloo)
     python train_sft.py --out_dir out/sft --resume --max_steps 2000                       # continue a stopped run
-    python sample.py --model_name out/sft/final --prompt "Question: ...\nAnswer:" --sampler low_confidence
+    python sample.py --model_name out/sft --prompt "Ann has 7 apples ..." --sampler low_confidence   # its template
     python sample.py --model_name out/adapt/final --adapter_path out/sft/final ...        # a LoRA run's adapter
     python sample.py --model_name out/sft/final --sampler block ...                       # a --block_size run
     python train_sft.py --model_name out/sft --data synthetic_arith --distill distilled.json   # own right answers

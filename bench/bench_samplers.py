@@ -1,4 +1,4 @@
-"""
+r"""
 Sampler speed and quality: tokens per second, forwards per token, generative perplexity (scored by the
 AR parent with its exact likelihood) and unigram entropy of every diffusion sampler beside the AR
 parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
