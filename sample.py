@@ -117,7 +117,7 @@ def sample_ar(args):
     torch.manual_seed(args.seed)
     start, eos = start_token_id(tok), tok.eos_token_id
     results = []
-    for i, (text, prompt) in enumerate(zip([p for p in shown for _ in range(args.num_samples)], prompts)):
+    for text, prompt in zip([p for p in shown for _ in range(args.num_samples)], prompts):
         ids = tok.encode(prompt or "", add_special_tokens=False)
         if start is not None and (not ids or ids[0] != start):
             ids = [start] + ids
@@ -130,9 +130,16 @@ def sample_ar(args):
         results.append({"prompt": text, "suffix": None, "text": tok.decode(out[0].tolist(), skip_special_tokens=True),
                         "generation": gen, "sampler": "ar_sampled" if args.temperature > 0 else "ar_greedy",
                         "seed": args.seed, "model_name": args.model_name})
-        print(f"=== sample {i} ({'unconditional' if text is None else f'prompt: {text!r}'})\n{results[-1]['text']}")
-    if args.output:
-        with open(args.output, "a") as f:
+    return report(results, args.output)
+
+
+def report(results, output):
+    """Print each sample; append them to --output as JSON lines."""
+    for i, r in enumerate(results):
+        head = "unconditional" if r["prompt"] is None else f"prompt: {r['prompt']!r}"
+        print(f"=== sample {i} ({head})\n{r['text']}")
+    if output:
+        with open(output, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
     return results
@@ -191,14 +198,7 @@ def main(argv=None):
                             "generation": tok.decode(out[b][gen].tolist(), skip_special_tokens=True),
                             "sampler": args.sampler, "diffusion_steps": args.diffusion_steps, "seed": args.seed,
                             "model_name": args.model_name})
-    for i, r in enumerate(results):
-        head = "unconditional" if r["prompt"] is None else f"prompt: {r['prompt']!r}"
-        print(f"=== sample {i} ({head})\n{r['text']}")
-    if args.output:
-        with open(args.output, "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    return results
+    return report(results, args.output)
 
 
 def chat(model, args, g, stdin=None):

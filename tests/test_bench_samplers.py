@@ -52,15 +52,21 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys):
     assert "| threshold0.9+dual | 2 |" in capsys.readouterr().out
 
 
-def test_eb_configuration_runs_its_settings(tmp_path, capsys, monkeypatch):
+def spy_on_sample(tmp_path, monkeypatch):
+    """A tiny diffusion model in tmp_path/dlm, a corpus beside it, and the list of settings bench's sample() gets."""
     import json
-    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
-    from model import DiscreteDiffusionModel, SamplerSettings
-    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
+    from model import DiscreteDiffusionModel
+    DiscreteDiffusionModel.from_pretrained(save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)).save_pretrained(tmp_path / "dlm")
     (tmp_path / "wiki_demo.txt").write_text("\n".join(" ".join(["the king said to his queen"] * 10) for _ in range(3)))
     (tmp_path / "c4_demo.json").write_text(json.dumps([{"text": " ".join(["o my lord is good"] * 12)}] * 3))
     seen, real = [], bs.sample
     monkeypatch.setattr(bs, "sample", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    return seen
+
+
+def test_eb_configuration_runs_its_settings(tmp_path, capsys, monkeypatch):
+    from model import SamplerSettings
+    seen = spy_on_sample(tmp_path, monkeypatch)
     rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--data_dir", str(tmp_path), "--n_prompts", "2",
                     "--gen_len", "8", "--batch_sizes", "2", "--configs", "eb0+dual,eb1000", "--device", "cpu"])
     assert seen[1:] == [SamplerSettings("eb", diffusion_steps=256, block_length=32, cache="dual", gamma=0.0),
@@ -106,14 +112,8 @@ def test_results_file_keeps_rows_and_skips_them(tmp_path, capsys, monkeypatch):
 
 
 def test_sampler_flags_are_a_configuration(tmp_path, capsys, monkeypatch):
-    import json
-    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=64)
-    from model import DiscreteDiffusionModel, SamplerSettings
-    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
-    (tmp_path / "wiki_demo.txt").write_text("\n".join(" ".join(["the king said to his queen"] * 10) for _ in range(3)))
-    (tmp_path / "c4_demo.json").write_text(json.dumps([{"text": " ".join(["o my lord is good"] * 12)}] * 3))
-    seen, real = [], bs.sample
-    monkeypatch.setattr(bs, "sample", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    from model import SamplerSettings
+    seen = spy_on_sample(tmp_path, monkeypatch)
     rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--data_dir", str(tmp_path), "--n_prompts", "2",
                     "--gen_len", "8", "--batch_sizes", "2", "--configs", "flags", "--device", "cpu",
                     "--sampler", "random", "--block_length", "4", "--cache", "dual"])
