@@ -39,9 +39,10 @@ from tqdm import tqdm
 from attention_patch import resolve_attn_implementation
 from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, normalize_answer,
                     read_records)
-from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, _cache_keyword, elbo_draws, add_sampler_args, cpu_thread_hint,
-                   cut_at_eos, default_device, default_dtype, hub_failure, layout_rows, load_tokenizer, max_positions,
-                   pad_token_id, positions_from_mask, resolve_model_path, sample, start_token_id)
+from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, cache_keyword,
+                   cpu_thread_hint, cut_at_eos, default_device, default_dtype, elbo_draws, hub_failure, layout_rows,
+                   load_tokenizer, max_positions, pad_token_id, positions_from_mask, resolve_model_path, sample,
+                   start_token_id)
 
 PROG = "eval_zeroshot.py"
 # the evaluation's sampler: greedy low_confidence, one token per step (the flags' defaults here, and the Scorer's)
@@ -453,7 +454,7 @@ class Scorer:
                 cache.reorder_cache(owner)
                 pos = att.sum(1)[owner, None] + torch.arange(T - 1, device=self.device)
                 more = self.model(input_ids=x, attention_mask=torch.cat([att[owner], x_att], 1), position_ids=pos,
-                                  use_cache=True, **{_cache_keyword(type(self.model)): cache}).logits.float()
+                                  use_cache=True, **{cache_keyword(type(self.model)): cache}).logits.float()
                 logits = torch.cat([logits, more], 1)
             tgt = torch.tensor([t + [0] * (T - len(t)) for t in conts], dtype=torch.long, device=self.device).view(len(idx), T)
             tm = torch.tensor([[j < len(t) for j in range(T)] for t in conts], dtype=torch.bool, device=self.device).view(len(idx), T)

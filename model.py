@@ -803,7 +803,7 @@ def _head(model, hidden, positions, offset=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_keyword(decoder_class):
+def cache_keyword(decoder_class):
     # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
     return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
@@ -812,7 +812,7 @@ def cached_forward(model, cache, **kw):
     """The decoder's forward (bidirectional) over a KV cache the caller keeps: it reads the keys/values in
     `cache` (a transformers Cache, DynamicCache() to start) and appends those of the columns it runs."""
     dec = model.model.get_decoder()
-    return dec(**kw, **{_cache_keyword(type(dec)): cache}, use_cache=True, is_causal=False)
+    return dec(**kw, **{cache_keyword(type(dec)): cache}, use_cache=True, is_causal=False)
 
 
 def refresh_cache(model, x, att, block, mode, positions):
