@@ -482,6 +482,22 @@ def noise_draw(maskable, generator=None, t=None, eps=SAMPLING_EPS):
     return masked, t
 
 
+def semi_ar_draw(maskable, block, generator=None, eps=SAMPLING_EPS):
+    """Semi-autoregressive noise (dParallel): each row's maskable positions in blocks of `block`, counted from
+    its first maskable position; one block per row, drawn uniformly, is the current one. The blocks before it
+    stay clean, its positions are masked with probability t ~ U(eps, 1), the blocks after it are all masked.
+    Returns (masked, t, current): t per position ([B, L]: the row's t in its current block, 1 elsewhere, so
+    diffusion_loss weighs the fully masked blocks by 1) and the current block's positions."""
+    B, L = maskable.shape
+    dev = maskable.device
+    blk = torch.where(maskable, (maskable.long().cumsum(1) - 1) // block, torch.full_like(maskable, -1, dtype=torch.long))
+    k = (torch.rand(B, device=dev, generator=generator) * (blk.max(1).values + 1).clamp(min=1)).long()
+    t = (1 - eps) * torch.rand(B, device=dev, generator=generator) + eps
+    current, later = maskable & (blk == k[:, None]), maskable & (blk > k[:, None])
+    masked = (current & (torch.rand(B, L, device=dev, generator=generator) < t[:, None])) | later
+    return masked, torch.where(current, t[:, None].expand(B, L), torch.ones(B, L, device=dev)), current
+
+
 def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMPLING_EPS):
     """Forward (absorbing) process: each maskable token -> [MASK] with probability t. Returns (x_t, masked, t)."""
     masked, t = noise_draw(maskable, generator, t, eps)
@@ -491,7 +507,7 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
 def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
                    sp_group=None, block_size=None, return_logits=False):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
-    also the unweighted mean CE. `model` may be wrapped in DDP or FSDP (its forward is called). Returns
+    also the unweighted mean CE. t is per row [B], or per position [B, L] (semi_ar_draw). `model` may be wrapped in DDP or FSDP (its forward is called). Returns
     (loss, unweighted_loss, n_masked). With sp_group (sequence parallelism: the model runs ring
     attention, every rank of the group passes the same whole rows), this rank scores its own chunk only
     (sequence_parallel_loss): loss * n summed over the group, divided by the summed n, is the loss.
@@ -507,7 +523,7 @@ def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_ma
                                       generator)
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
                    target_mask=masked, block_size=block_size)
-    weight = (1.0 / t)[:, None].expand_as(masked)[masked]
+    weight = (1.0 / t if t.dim() == 2 else (1.0 / t)[:, None].expand_as(masked))[masked]   # t per row or per token
     out = _weighted_ce(logits, input_ids[masked], weight, masked.sum())
     return (*out, logits) if return_logits else out
 

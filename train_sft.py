@@ -48,6 +48,7 @@ i (LLaDA2.0), else the shift convention of the model. The model's config records
 Parallel decoding (docs/training.md): --certainty_weight adds the entropy of the predictions already right on
 masked positions (the logits that predict position i, at i - 1 with shift), --complementary trains each row on
 its mask and its complement, --distill FILE writes the model's own answers the checker accepts (no training),
+--semi_ar_block S draws semi-autoregressive masks (clean blocks, one partly masked, masked ones after it),
 --ar fine-tunes the AR parent as a causal LM on the same records (the baseline; cached greedy generate).
 Checkpoints carry their prompt template (config prompt_template), which sample.py applies to a bare --prompt.
 
@@ -67,7 +68,8 @@ import torch.nn.functional as F
 import trainer
 from common import DataError, Parser, at_least, check_output_file, field, is_correct, read_records, real
 from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, check_sampler_settings, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
-                   load_tokenizer, maskable_positions, noise_draw, resolve_model_path, sample, start_token_id)
+                   load_tokenizer, maskable_positions, noise_draw, resolve_model_path, sample, semi_ar_draw,
+                   start_token_id)
 from trainer import die, flag_error, log0
 
 
@@ -76,7 +78,7 @@ SYNTHETIC = "synthetic_arith"
 PROMPT = "Question: {}\nAnswer:"
 FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id", "seed", "seq_len", "pad_to",
                    "chat_template", "block_size", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
-                   "modules_to_save", "synthetic_n", "loss_norm", "ar", "complementary")
+                   "modules_to_save", "synthetic_n", "loss_norm", "ar", "complementary", "semi_ar_block")
 
 
 # -----------------------------------------------------------------------------
@@ -111,6 +113,8 @@ def build_parser():
       "so every response token is supervised in every step")
     a("--distill", default=None, metavar="FILE", help="self-distillation, no training: answer the --data prompts with "
       "--model_name and the sampler flags, and write the answers the checker accepts to FILE (a new --data file)")
+    a("--semi_ar_block", type=at_least(1), default=None, help="semi-autoregressive masks (dParallel): the response "
+      "in blocks of this many tokens, one current block per row partly masked, the ones before it clean, after it masked")
     a("--ar", action="store_true", help="the AR baseline: fine-tune --model_name (a causal LM, the AR parent) as a causal "
       "LM on the same data, loss on the response tokens, evaluated by cached greedy generate")
     a("--merge_lora", action="store_true", help="at the end, also write <out_dir>/merged: base + adapter as a plain HF folder")
@@ -140,8 +144,10 @@ def check_sft_args(args):
                    f"use --sp_size 1 for block-diffusion SFT")
     if args.sp_size > 1 and args.certainty_weight > 0:
         flag_error("--certainty_weight with --sp_size: the term needs each row's logits on one rank; use --sp_size 1")
-    if args.ar and (args.certainty_weight > 0 or args.complementary):
-        flag_error("--certainty_weight and --complementary are diffusion losses, not --ar's")
+    if args.ar and (args.certainty_weight > 0 or args.complementary or args.semi_ar_block):
+        flag_error("--certainty_weight, --complementary and --semi_ar_block are diffusion losses, not --ar's")
+    if args.semi_ar_block and args.sp_size > 1:
+        flag_error("--semi_ar_block with --sp_size: use --sp_size 1")
     if args.ar and (args.block_size or args.sp_size > 1 or args.fsdp or args.same_token_labels):
         flag_error(f"--ar fine-tunes a causal LM with DDP (and LoRA): not with "
                    f"{'--block_size' if args.block_size else '--sp_size' if args.sp_size > 1 else '--fsdp' if args.fsdp else '--same_token_labels'}")
@@ -586,17 +592,26 @@ def train(argv, stop):
             x, prompt, resp_len = collate([train_set[i] for i in trainer.stream_indices(len(train_set), seen + k * B, B, args.seed)],
                                           eos, args.pad_to, run.sp_size)
             maskable = maskable_positions(x, src_mask=prompt, shift=raw.shift)
-            masked, t = noise_draw(maskable, run.noise)
-            micro.append((x, masked, t, resp_len, maskable))
-        # --complementary: each row is trained twice, on its mask and on the rest of its response (t -> 1 - t)
-        n_masked = sum(int((m[4] if args.complementary else m[1]).sum()) for m in micro)
+            if args.semi_ar_block:
+                masked, t, current = semi_ar_draw(maskable, args.semi_ar_block, run.noise)
+            else:
+                (masked, t), current = noise_draw(maskable, run.noise), maskable
+            micro.append((x, masked, t, resp_len, current))
+        # --complementary: each row is trained twice, on its mask and on the rest of its response (or of its current
+        # block, with --semi_ar_block), t -> 1 - t there
+        n_masked = sum(int(m[1].sum() + ((m[4] & ~m[1]).sum() + (m[1] & ~m[4]).sum()) * args.complementary)
+                       for m in micro)
         total = float(A * B * (2 if args.complementary else 1)) if by_length else float(max(n_masked, 1))
         sums = torch.zeros(3, dtype=torch.float32, device=run.device)
-        for k, (x, masked, t, resp_len, maskable) in enumerate(micro):
-            x, masked, t, resp_len, maskable = (v[me].to(run.device) for v in (x, masked, t, resp_len, maskable))
+        for k, (x, masked, t, resp_len, current) in enumerate(micro):
+            x, masked, t, resp_len, current = (v[me].to(run.device) for v in (x, masked, t, resp_len, current))
             if args.complementary:
+                flipped = (1.0 - t).clamp(min=SAMPLING_EPS)
                 x, resp_len = torch.cat([x, x]), torch.cat([resp_len, resp_len])
-                masked, t = torch.cat([masked, maskable & ~masked]), torch.cat([t, (1.0 - t).clamp(min=SAMPLING_EPS)])
+                masked = torch.cat([masked, (current & ~masked) | (masked & ~current)])
+                t = torch.cat([t, torch.where(current, flipped, t) if t.dim() == 2 else flipped])
+            if by_length and t.dim() == 2:
+                resp_len = resp_len[:, None]
             xt = x.masked_fill(masked, raw.mask_token_id)
             if args.block_size:
                 xt = block_inputs(x, xt, args.block_size, raw.shift)

@@ -584,3 +584,51 @@ def test_lora_adapter_carries_the_prompt_template(setup, tmp_path):
     assert json.loads((out / "final" / "dlm_config.json").read_text())["prompt_template"] == train_sft.PROMPT
     m = DiscreteDiffusionModel.from_pretrained(str(out))
     assert m.config.prompt_template == train_sft.PROMPT
+
+
+def test_semi_ar_draw_by_hand():
+    """semi_ar_draw: per row, the maskable positions in blocks of 3 from the first; before the current block
+    nothing is masked, after it everything, inside it a t-fraction; t per position is the row's t in the current
+    block and 1 elsewhere; every block is drawn as the current one over many rows; diffusion_loss weighs by it."""
+    from model import semi_ar_draw
+    maskable = torch.zeros(400, 12, dtype=torch.bool)
+    maskable[:, 3:11] = True                                   # 8 maskable positions: blocks 3, 3, 2
+    masked, t, current = semi_ar_draw(maskable, 3, torch.Generator().manual_seed(0))
+    spans = [(3, 6), (6, 9), (9, 11)]
+    seen = set()
+    for b in range(400):
+        k = [j for j, (lo, hi) in enumerate(spans) if current[b, lo:hi].all()]
+        assert len(k) == 1 and int(current[b].sum()) == spans[k[0]][1] - spans[k[0]][0]
+        k = k[0]
+        seen.add(k)
+        lo, hi = spans[k]
+        assert not masked[b, :lo].any() and masked[b, hi:11].all() and not masked[b, 11:].any()
+        assert (t[b, lo:hi] == t[b, lo]).all() and (t[b, :lo] == 1).all() and (t[b, hi:] == 1).all()
+        assert 1e-3 <= float(t[b, lo]) <= 1
+    assert seen == {0, 1, 2}
+    frac = masked[current].float().mean().item()                # E[t] = 1/2 inside the current block
+    assert 0.4 < frac < 0.6
+    torch.manual_seed(0)
+    m = tiny_model(True)
+    x = torch.randint(5, 60, (2, 12))
+    mk, tt, _ = semi_ar_draw(maskable[:2], 3, torch.Generator().manual_seed(1))
+    xt = x.masked_fill(mk, m.mask_token_id)
+    with torch.no_grad():
+        loss, _, n = diffusion_loss(m, x, xt, mk, tt)
+        full = m(xt).float()
+    want = sum(F.cross_entropy(full[b, i - 1][None], x[b, i][None]).item() / tt[b, i].item()
+               for b, i in mk.nonzero().tolist()) / int(mk.sum())
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_semi_ar_complementary_ddp_match_one(setup):
+    """--semi_ar_block with --complementary and the certainty term: 2 gloo ranks = one process (weights, losses)."""
+    extra = ["--max_steps", "3", "--grad_accum", "2", "--semi_ar_block", "2", "--complementary",
+             "--certainty_weight", "1", "--loss_norm", "answer_length", "--eval_every", "0"]
+    ddp, single = setup["dir"] / "semi_ddp", setup["dir"] / "semi_single"
+    torchrun2("train_sft.py", common(setup, ddp, *extra), subprocess_env())
+    train_sft.main(common(setup, single, *extra))
+    assert_close_weights(load_weights(ddp / "final"), load_weights(single / "final"))
+    for x, y in zip(read_log(ddp), read_log(single)):
+        for k in ("loss", "unweighted_loss", "grad_norm", "certainty", "n_masked"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5)
