@@ -802,6 +802,8 @@ def parse_args(argv=None):
     a("--attn_implementation", default="sdpa", help="eager, sdpa or flash_attention_2")
     a("--output", default=None, help="write settings, metrics and per-example records to this JSON file")
     a("--no_progress", action="store_true", help="no progress bars")
+    a("--resume", action="store_true", help="with --output: keep the tasks that file already holds for the same "
+      "settings and score only the rest (the file is rewritten after every task)")
     # the generative tasks' sampler; each task decides where to stop (EOS but for lambada)
     add_sampler_args(p, omit=("stop_at_eos",), **EVAL_SAMPLER)
     args = p.parse_args(argv)
@@ -831,6 +833,8 @@ def parse_args(argv=None):
         check_output_file(args.output, p.error)
     if args.output and os.path.exists(args.output) and not is_results_file(args.output):
         p.error(f"--output {args.output} exists and is not a results file of this script: not overwriting it")
+    if args.resume and not args.output:
+        p.error("--resume needs --output (the results file to continue)")
     args.error = p.error
     return args
 
@@ -866,11 +870,18 @@ def main(argv=None):
                         mask_token_id=args.mask_token_id, base_model_name=args.base_model_name,
                         adapter_path=args.adapter_path, attn_implementation=args.attn_implementation)
         cpu_thread_hint(PROG, args.device or default_device())   # once the input is known good
-        settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list", "settings")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("error", "task_list", "settings", "resume")}
         settings.update(scored_model=scorer.model_name, mode="ar" if args.ar else "diffusion")
         results = {"settings": settings, "metrics": {}, "examples": {}}
+        done = earlier_results(args.output, settings) if args.resume else {"metrics": {}, "examples": {}}
         table, notes = [], []
         for task, (exs, source) in examples.items():
+            if task in done["metrics"]:   # --resume: scored before with these settings
+                print(f"{PROG}: {task}: kept from {args.output}", file=sys.stderr, flush=True)
+                results["metrics"][task], results["examples"][task] = done["metrics"][task], done["examples"].get(task, [])
+                table += [(task, m, v["value"], v["stderr"], len(exs)) for m, v in done["metrics"][task].items()
+                          if isinstance(v, dict) and "value" in v]
+                continue
             t0 = time.time()
             metrics, records = run_task(scorer, task, exs, args.gen_len, progress=not args.no_progress,
                                         window=args.ppl_window, stride=args.ppl_stride)
@@ -884,6 +895,8 @@ def main(argv=None):
                                             data=source)
             results["examples"][task] = records
             table += [(task, m, v, se, len(exs)) for m, (v, se) in metrics.items()]
+            if args.output:   # after every task: a long run cut short keeps what it scored (--resume goes on)
+                write_results(args.output, results)
         if args.lm_eval_tasks:
             res = run_lm_eval(scorer, args.lm_eval_tasks, args.lm_eval_include, args.limit)
             results["lm_eval"] = res["results"]
@@ -902,12 +915,32 @@ def main(argv=None):
     for line in notes:
         print(line)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.output)
+        write_results(args.output, results)
         print(f"wrote {args.output}")
     return results
+
+
+def write_results(path, results):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def earlier_results(path, settings):
+    """--resume: the metrics and examples of the tasks in `path` scored with the same settings (all but --tasks
+    and --no_progress), or none."""
+    if not path or not os.path.exists(path):
+        return {"metrics": {}, "examples": {}}
+    with open(path) as f:
+        data = json.load(f)
+    same = lambda a: {k: v for k, v in a.items() if k not in ("tasks", "no_progress")}
+    if same(data["settings"]) != same(settings):
+        differ = sorted(k for k in set(same(data["settings"])) | set(same(settings))
+                        if data["settings"].get(k) != settings.get(k))
+        raise DataError(f"--resume: {path} was scored with other settings ({', '.join(differ)}); give another "
+                        f"--output or the same settings")
+    return data
 
 
 if __name__ == "__main__":

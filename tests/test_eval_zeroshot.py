@@ -721,3 +721,36 @@ def test_bench_eval_times_the_real_tasks(models, data_dir):
         [(t, m, 2) for m in ("diffusion", "AR") for t in ("piqa", "arc_easy", "wikitext")]
     r = subprocess.run(cmd + ["--only", "ar", "--tasks", "nope"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "unknown task 'nope'" in r.stderr.strip().splitlines()[-1]
+
+
+def test_results_written_after_every_task_and_resume(models, data_dir, tmp_path, monkeypatch, capsys):
+    """--output is rewritten after every task, so a run stopped in its third task keeps the first two; --resume
+    scores only the rest and ends with the results of one uninterrupted run; other settings are refused."""
+    argv = ["--model_name", models["dlm"], "--tasks", "lambada,piqa,winogrande", "--data_dir", data_dir, "--mc_num", "4",
+            "--no_progress"]
+    whole = ez.main(argv + ["--output", str(tmp_path / "whole.json")])
+    out = tmp_path / "cut.json"
+    real, scored = ez.run_task, []
+
+    def stops_at_winogrande(scorer, task, *a, **kw):
+        scored.append(task)
+        if task == "winogrande":
+            raise ez.DataError("stopped")
+        return real(scorer, task, *a, **kw)
+    monkeypatch.setattr(ez, "run_task", stops_at_winogrande)
+    with pytest.raises(SystemExit):
+        ez.main(argv + ["--output", str(out)])
+    assert set(json.loads(out.read_text())["metrics"]) == {"lambada", "piqa"}
+    monkeypatch.setattr(ez, "run_task", lambda scorer, task, *a, **kw: scored.append(task) or real(scorer, task, *a, **kw))
+    scored.clear()
+    capsys.readouterr()
+    res = ez.main(argv + ["--output", str(out), "--resume"])
+    assert scored == ["winogrande"] and "lambada: kept from" in capsys.readouterr().err
+    assert json.loads(out.read_text())["metrics"].keys() == whole["metrics"].keys()
+    for task in whole["metrics"]:
+        for k, v in whole["metrics"][task].items():
+            if k not in ("seconds", "examples_per_s"):
+                assert json.loads(json.dumps(res["metrics"][task][k])) == json.loads(json.dumps(v)), (task, k)
+    with pytest.raises(SystemExit):
+        ez.main(argv[:-1] + ["--mc_num", "8", "--no_progress", "--output", str(out), "--resume"])
+    assert "was scored with other settings (mc_num)" in capsys.readouterr().err
