@@ -402,7 +402,8 @@ def check_out_dir(args, outputs=()):
         die(f"--out_dir {out}: {probe} is a file, cannot create a folder there")
     if not os.access(probe, os.W_OK | os.X_OK):
         die(f"--out_dir {out}: {probe} is not writable")
-    check_lock(out)
+    if int(os.environ.get("RANK", "0")) == 0:   # the lock is rank 0's (other nodes cannot check its process)
+        check_lock(out)
     data = os.path.abspath(getattr(args, "data", None) or "")
     if os.path.isdir(data) and os.path.abspath(out).startswith(data.rstrip(os.sep) + os.sep):
         die(f"--out_dir {out} is inside --data {args.data}: its checkpoints and logs would be read as training "
