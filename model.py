@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -270,6 +271,14 @@ ADAPTER_EXTRA = "dlm_config.json"   # beside a train_sft.py adapter: the setting
 ADAPTER_CONFIG = "adapter_config.json"   # a PEFT LoRA adapter folder
 
 
+@contextmanager
+def quiet_peft():
+    """Without peft's own use of a deprecated transformers alias (nothing a user can change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
 def merge_adapter(hf, adapter_path, shift=None):
     """Merge a PEFT LoRA adapter folder into the transformers model (its modules_to_save, e.g. embed_tokens,
     replace the model's). An adapter saved by train_sft.py also carries dlm_config.json (shift, block_size, the
@@ -278,8 +287,7 @@ def merge_adapter(hf, adapter_path, shift=None):
         raise FileNotFoundError(f"--adapter_path {adapter_path}: no adapter_config.json there")
     check_model_folder(adapter_path)
     from peft import PeftModel
-    with warnings.catch_warnings():   # peft's own use of a transformers alias: nothing a user can change
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with quiet_peft():
         hf = PeftModel.from_pretrained(hf, adapter_path).merge_and_unload()
     extra = os.path.join(adapter_path, ADAPTER_EXTRA)
     if os.path.exists(extra):

@@ -59,7 +59,6 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 import json
 import os
 import random
-import warnings
 from dataclasses import replace
 
 import torch
@@ -67,8 +66,9 @@ import torch.nn.functional as F
 
 import trainer
 from common import DataError, Parser, at_least, check_output_file, field, is_correct, read_records, real
-from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, check_sampler_settings, block_inputs, cut_at_eos, diffusion_loss, layout_rows,
-                   load_tokenizer, maskable_positions, noise_draw, resolve_model_path, sample, semi_ar_draw,
+from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, block_inputs,
+                   check_sampler_settings, cut_at_eos, default_device, diffusion_loss, layout_rows, load_tokenizer,
+                   maskable_positions, merge_adapter, noise_draw, quiet_peft, resolve_model_path, sample, semi_ar_draw,
                    start_token_id)
 from trainer import die, flag_error, log0
 
@@ -325,8 +325,7 @@ def apply_lora(raw, args):
     cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout or 0.0,
                      target_modules=targets, modules_to_save=save,
                      ensure_weight_tying=bool(save) and bool(getattr(raw.config, "tie_word_embeddings", False)))
-    with warnings.catch_warnings():   # peft asks transformers' deprecated is_gradient_checkpointing: not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with quiet_peft():
         raw.model = get_peft_model(raw.model, cfg)
     return raw
 
@@ -460,7 +459,7 @@ def distill(args):
     if os.path.exists(args.distill):
         flag_error(f"--distill {args.distill} exists: choose a new file (nothing is overwritten)")
     check_output_file(args.distill, flag_error)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     try:
         raw = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, device=device)
     except (OSError, ValueError) as e:
@@ -484,8 +483,9 @@ def distill(args):
 
 def train(argv, stop):
     parser = build_parser()
-    if parser.parse_args(argv).distill:   # no run: a data file is all it writes
-        return distill(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.distill:   # no run: a data file is all it writes
+        return distill(args)
     args, run = trainer.start_run(parser, argv, FIXED_ON_RESUME, outputs=("merged",))
     check_sft_args(args)
     if args.block_size and run.attn == "flash_attention_2":
@@ -652,10 +652,9 @@ def write_merged(args, adapter, out, template):
     """--merge_lora: the base model with the adapter merged, saved as a plain HF folder (atomically)."""
     import shutil
     if args.ar:
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model_name))
-        m = CausalLM(PeftModel.from_pretrained(base, adapter).merge_and_unload(), load_tokenizer(adapter))
+        m = CausalLM(merge_adapter(base, adapter)[0], load_tokenizer(adapter))
     else:
         m = DiscreteDiffusionModel.from_pretrained(args.model_name, mask_token_id=args.mask_token_id, adapter_path=adapter)
     m.config.prompt_template = template

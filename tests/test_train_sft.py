@@ -4,7 +4,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -567,8 +566,8 @@ def test_ar_lora_run_samples_with_its_template(setup, tmp_path):
     from peft import PeftModel
     res = sample_py.main(["--model_name", str(out), "--ar", "--prompt", TOY[0]["instruction"], "--gen_len", "3"])
     tok = AutoTokenizer.from_pretrained(final)
-    with warnings.catch_warnings():   # peft's own use of a deprecated transformers alias
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    from model import quiet_peft
+    with quiet_peft():
         hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), str(final)).merge_and_unload()
     p = [tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(TOY[0]["instruction"]), add_special_tokens=False)
     want = hf.generate(torch.tensor([p]), max_new_tokens=3, do_sample=False, eos_token_id=tok.eos_token_id,
