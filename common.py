@@ -1,7 +1,8 @@
 """
 What the scripts share that is neither the model nor the run loop: the command-line parser (one-line errors,
 defaults in --help, range types), checks on the files they read and write (safetensors headers, model
-folders), task records (JSON, JSONL, CSV, TXT) and the answer checker. No torch and no lm_eval here, so
+folders), task records (JSON, JSONL, CSV, TXT), the answer checker and the built-in tasks
+(synthetic_arith, synthetic_sort). No torch and no lm_eval here, so
 every script can import it, moe_convert.py included.
 
     from common import Parser, at_least, read_records, is_correct
@@ -15,8 +16,10 @@ import csv
 import json
 import math
 import os
+import random
 import re
 import string
+import zlib
 
 
 class DataError(ValueError):
@@ -228,3 +231,71 @@ def is_correct(prediction, reference):
     if gold is not None:
         return gsm8k_number(prediction) == gold
     return normalize_answer(prediction) == normalize_answer(reference)
+
+
+# -----------------------------------------------------------------------------
+# built-in tasks: train_sft.py --data synthetic_arith / synthetic_sort, bench/bench_samplers.py --prompts
+
+PROMPT = "Question: {}\nAnswer:"   # the prompt of a question/answer pair: SFT, the gsm8k task, the benchmarks
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kim", "Leo", "Mia", "Nat", "Omar", "Pia")
+THINGS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "eggs", "cups")
+
+
+def synthetic_problem(rng):
+    """One word problem of 1-3 steps with its GSM8K-style symbolic answer, e.g.
+    ("Ann has 7 apples. She gets 5 more. Then she gives 3 away. How many apples does Ann have now?",
+     "<<7+5=12>> <<12-3=9>> #### 9")."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    n = rng.randint(2, 20)
+    text, steps = [f"{name} has {n} {thing}."], []
+    for _ in range(rng.randint(1, 3)):
+        op = rng.choice("+-*")
+        if op == "+":
+            k = rng.randint(1, 20)
+            text.append(f"Then {name} gets {k} more.")
+            m = n + k
+        elif op == "-" and n > 1:
+            k = rng.randint(1, n - 1)
+            text.append(f"Then {name} gives {k} away.")
+            m = n - k
+        else:
+            op, k = "*", rng.randint(2, 4)
+            text.append(f"Then the number of {thing} grows {k} times.")
+            m = n * k
+        steps.append(f"<<{n}{op}{k}={m}>>")
+        n = m
+    text.append(f"How many {thing} does {name} have now?")
+    return " ".join(text), " ".join(steps) + f" #### {n}"
+
+
+def sort_problem(rng, n_digits=16):
+    """Sixteen random digits to sort, e.g. ("Sort these digits from smallest to largest: 7 3 9 1 ...",
+    "1 3 7 9 ..."): an answer of 16 digits whose every position follows from the question alone (the count of
+    each digit), so a diffusion model can learn to write many of them in one step, and one a 135M AR model learns
+    on a CPU."""
+    digits = [rng.randint(0, 9) for _ in range(n_digits)]
+    return ("Sort these digits from smallest to largest: " + " ".join(map(str, digits)),
+            " ".join(map(str, sorted(digits))))
+
+
+SYNTHETIC_TASKS = {"synthetic_arith": synthetic_problem, "synthetic_sort": sort_problem}
+
+
+def synthetic(task, split, n, seed=0):
+    """`n` distinct problems of one split of a built-in task. A problem belongs to the test split when a hash of
+    its question (stable across runs and machines) is 0 mod 10, so the splits never share a question."""
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(200 * n):
+        q, a = SYNTHETIC_TASKS[task](rng)
+        if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == "test"):
+            continue
+        seen.add(q)
+        out.append({"instruction": q, "output": a})
+        if len(out) == n:
+            return out
+    raise ValueError(f"{task}: only {len(out)} distinct {split} problems, {n} asked for")
+
+
+def synthetic_arith(split, n, seed=0):
+    return synthetic("synthetic_arith", split, n, seed)

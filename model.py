@@ -1338,13 +1338,25 @@ def sample(model, batch, settings, generator=None, callback=None):
                           gamma=s.gamma, cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator, callback=callback)
 
 
+def runnable_others():
+    """How many other processes are runnable right now (Linux /proc/loadavg; None elsewhere)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(int(f.read().split()[3].split("/")[0]) - 1, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def cpu_thread_hint(prog, device="cpu"):
-    """On a busy CPU (the 1-minute load clearly above the cores left for torch's threads) one line on stderr
-    says that fewer threads may be much faster: with default threads a shared 2-core machine ran a sampling
-    job 17x slower than with one thread. Returns the line (None: no hint)."""
+    """On a busy CPU (the 1-minute load, and the runnable processes now, clearly above the cores left for
+    torch's threads) one line on stderr says that fewer threads may be much faster: with default threads a
+    shared 2-core machine ran a sampling job 17x slower than with one thread. Returns the line (None: no hint)."""
     if not str(device).startswith("cpu") or not hasattr(os, "getloadavg"):
         return None
     cores, load, threads = os.cpu_count() or 1, os.getloadavg()[0], torch.get_num_threads()
+    others = runnable_others()
+    if others is not None:   # the average still counts a job that just ended (e.g. the training before)
+        load = min(load, others)
     if threads < 2 or threads <= max(cores - load, 0) + 1:
         return None
     line = (f"{prog}: the CPU is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads: "

@@ -58,14 +58,14 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 """
 import json
 import os
-import random
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 import trainer
-from common import DataError, Parser, at_least, check_output_file, field, is_correct, read_records, real
+from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, check_output_file, field, is_correct,
+                    read_records, real, synthetic)
 from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, block_inputs,
                    check_sampler_settings, cut_at_eos, default_device, diffusion_loss, layout_rows, load_tokenizer,
                    maskable_positions, merge_adapter, noise_draw, quiet_peft, resolve_model_path, sample, semi_ar_draw,
@@ -75,7 +75,6 @@ from trainer import die, flag_error, log0
 
 PROG = "train_sft.py"
 SYNTHETIC = "synthetic_arith"
-PROMPT = "Question: {}\nAnswer:"
 FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id", "seed", "seq_len", "pad_to",
                    "chat_template", "block_size", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
                    "modules_to_save", "synthetic_n", "loss_norm", "ar", "complementary", "semi_ar_block")
@@ -158,71 +157,7 @@ def check_sft_args(args):
 
 
 # -----------------------------------------------------------------------------
-# data: pairs, chats and the synthetic arithmetic problems
-
-NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kim", "Leo", "Mia", "Nat", "Omar", "Pia")
-THINGS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "eggs", "cups")
-
-
-def synthetic_problem(rng):
-    """One word problem of 1-3 steps with its GSM8K-style symbolic answer, e.g.
-    ("Ann has 7 apples. She gets 5 more. Then she gives 3 away. How many apples does Ann have now?",
-     "<<7+5=12>> <<12-3=9>> #### 9")."""
-    name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    n = rng.randint(2, 20)
-    text, steps = [f"{name} has {n} {thing}."], []
-    for _ in range(rng.randint(1, 3)):
-        op = rng.choice("+-*")
-        if op == "+":
-            k = rng.randint(1, 20)
-            text.append(f"Then {name} gets {k} more.")
-            m = n + k
-        elif op == "-" and n > 1:
-            k = rng.randint(1, n - 1)
-            text.append(f"Then {name} gives {k} away.")
-            m = n - k
-        else:
-            op, k = "*", rng.randint(2, 4)
-            text.append(f"Then the number of {thing} grows {k} times.")
-            m = n * k
-        steps.append(f"<<{n}{op}{k}={m}>>")
-        n = m
-    text.append(f"How many {thing} does {name} have now?")
-    return " ".join(text), " ".join(steps) + f" #### {n}"
-
-
-def sort_problem(rng, n_digits=16):
-    """Sixteen random digits to sort, e.g. ("Sort these digits from smallest to largest: 7 3 9 1 ...",
-    "1 3 7 9 ..."): an answer of 16 digits whose every position follows from the question alone (the count of
-    each digit), so a diffusion model can learn to write many of them in one step, and one a 135M AR model learns
-    on a CPU."""
-    digits = [rng.randint(0, 9) for _ in range(n_digits)]
-    return ("Sort these digits from smallest to largest: " + " ".join(map(str, digits)),
-            " ".join(map(str, sorted(digits))))
-
-
-SYNTHETIC_TASKS = {"synthetic_arith": synthetic_problem, "synthetic_sort": sort_problem}
-
-
-def synthetic(task, split, n, seed=0):
-    """`n` distinct problems of one split of a built-in task. A problem belongs to the test split when a hash of
-    its question (stable across runs and machines) is 0 mod 10, so the splits never share a question."""
-    import zlib
-    rng, out, seen = random.Random(seed), [], set()
-    for _ in range(200 * n):
-        q, a = SYNTHETIC_TASKS[task](rng)
-        if q in seen or (zlib.crc32(q.encode()) % 10 == 0) != (split == "test"):
-            continue
-        seen.add(q)
-        out.append({"instruction": q, "output": a})
-        if len(out) == n:
-            return out
-    raise ValueError(f"{task}: only {len(out)} distinct {split} problems, {n} asked for")
-
-
-def synthetic_arith(split, n, seed=0):
-    return synthetic("synthetic_arith", split, n, seed)
-
+# data: pairs, chats and the built-in tasks (common.py)
 
 def read_pairs(data, flag, n_synthetic, split):
     """Records of --data / --eval_data: a file, or the synthetic generator's split."""

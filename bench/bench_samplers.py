@@ -15,13 +15,16 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
 Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
 training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
 
---prompts synthetic_arith: the first --n_prompts problems of train_sft.py's synthetic_arith test split
-as prompts ("Question: ...\nAnswer:"), for a model fine-tuned on them; the table adds the accuracy of
-the answers (the number after '####', text up to EOS). Predictable answers are where parallel decoding
-commits several tokens a step:
+A task (--prompts synthetic_sort, synthetic_arith or gsm8k): the first --n_prompts problems of the
+built-in task's test split (or of --data_dir's gsm8k_test.json) in the model's prompt template, for models
+fine-tuned on the task (train_sft.py). Every sampler stops at EOS; the answers are --gen_len tokens at most
+(default: the longest reference plus EOS), the diffusion samplers run one block of that length (or
+--block_length blocks) with one step per token at most; tokens/s and tokens per forward count each
+answer's tokens up to and including its EOS. The table adds the accuracy (common.is_correct) with its
+standard error. --ar_model is the model of the ar_* rows (the AR-SFT parent, train_sft.py --ar):
 
-    python bench/bench_samplers.py --model_name out/sft/final --prompts synthetic_arith --gen_len 35 \
-        --batch_sizes 1 --configs low_confidence,threshold0.9,threshold0.7,threshold0.5
+    python bench/bench_samplers.py --model_name out/sft/final --ar_model out/sft_ar/final --prompts synthetic_sort \
+        --n_prompts 100 --configs ar_greedy,low_confidence,threshold0.9,threshold0.9+dual,eb1+dual
 """
 import json
 import math
@@ -30,6 +33,7 @@ import re
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -37,9 +41,11 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from common import Parser, at_least, first_line, is_correct  # noqa: E402
+from common import PROMPT, SYNTHETIC_TASKS, Parser, at_least, first_line, is_correct, read_records, synthetic  # noqa: E402
 from model import (DTYPES, SamplerSettings, add_sampler_args, build_inputs, cut_at_eos, default_device,  # noqa: E402
                    default_dtype, sample)
+
+TASKS = (*SYNTHETIC_TASKS, "gsm8k")
 
 # name -> (sampler, SamplerSettings fields); "ar_*" run the AR parent's generate; "flags": the sampler flags
 CONFIGS = {
@@ -114,6 +120,28 @@ def gen_perplexity(ar, prompts_ids, gens):
     return math.exp(-sum(ll for ll, _ in lls) / n) if n else float("nan")
 
 
+def task_prompts(task, n, data_dir, config, tok):
+    """The first n problems of a task's test split as (prompts in the model's prompt template, references)."""
+    if task == "gsm8k":
+        path = os.path.join(data_dir, "gsm8k_test.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--data_dir {data_dir}: no gsm8k_test.json")
+        problems = read_records(path)[:n]
+    else:
+        problems = synthetic(task, "test", n)
+    template = getattr(config, "prompt_template", None) or PROMPT
+    if template == "chat":
+        wrap = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    else:
+        wrap = template.format
+    return [wrap(r["instruction"]) for r in problems], [r["output"] for r in problems]
+
+
+def answer_length(ids, eos):
+    """The generated tokens of an answer: up to and including its first EOS (all of them without one)."""
+    return ids.index(eos) + 1 if eos in ids else len(ids)
+
+
 def count_forwards(module):
     calls = [0]
     handle = module.register_forward_pre_hook(lambda *a, **k: calls.__setitem__(0, calls[0] + 1))
@@ -125,9 +153,12 @@ def main(argv=None):
     p.add_argument("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="holds wiki_demo.txt and c4_demo.json")
     p.add_argument("--n_prompts", type=at_least(1), default=20, help="prompts per configuration")
-    p.add_argument("--prompts", default="corpus", choices=["corpus", "synthetic_arith"],
-                   help="corpus: wiki/C4 openings; synthetic_arith: train_sft.py's test problems (adds accuracy)")
-    p.add_argument("--gen_len", type=at_least(1), default=256, help="new tokens per prompt")
+    p.add_argument("--prompts", default="corpus", choices=["corpus", *TASKS],
+                   help="corpus: wiki/C4 openings; a task: its test problems, answers up to EOS (adds accuracy)")
+    p.add_argument("--ar_model", default=None, help="the model of the ar_* configurations and the perplexity "
+                   "(default: the AR parent of --model_name); e.g. a train_sft.py --ar run")
+    p.add_argument("--gen_len", type=at_least(1), default=None,
+                   help="new tokens per prompt (default 256; for a task the longest reference plus EOS)")
     p.add_argument("--batch_sizes", default="1,8", help="comma-separated")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations (see config(); "
                    "`flags`: the sampler flags below)")
@@ -158,20 +189,23 @@ def main(argv=None):
                 f"threshold<c> / factor<f> / eb<gamma> with +prefix or +dual and @<temperature>)")
     dtype = args.dtype or default_dtype(args.device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    dlm = Scorer(args.model_name, device=args.device, dtype=dtype)
-    ar = Scorer(args.model_name, ar=True, device=args.device, dtype=dtype)
-    tok, model = dlm.tokenizer, dlm.model
-    refs = None
-    if args.prompts == "synthetic_arith":
-        import train_sft
-        problems = train_sft.synthetic_arith("test", args.n_prompts)
-        prompts = [train_sft.PROMPT.format(r["instruction"]) for r in problems]
-        refs = [r["output"] for r in problems]
-    else:
-        prompts = fixed_prompts(args.data_dir, args.n_prompts)
+    task = args.prompts != "corpus"
+    try:
+        dlm = Scorer(args.model_name, device=args.device, dtype=dtype)
+        ar = Scorer(args.ar_model or args.model_name, ar=True, device=args.device, dtype=dtype)
+        tok, model = dlm.tokenizer, dlm.model
+        if task:
+            prompts, refs = task_prompts(args.prompts, args.n_prompts, args.data_dir, model.config, tok)
+        else:
+            prompts, refs = fixed_prompts(args.data_dir, args.n_prompts), None
+    except (OSError, ValueError) as e:
+        p.error(first_line(e))
     prompt_ids = [dlm.encode_pair(q, "")[0] for q in prompts]
-    setting = dict(model_name=args.model_name, prompts=args.prompts, n_prompts=len(prompts), gen_len=args.gen_len,
-                   seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock, threads=torch.get_num_threads())
+    eos = tok.eos_token_id
+    gen_len = args.gen_len or (max(len(tok.encode(" " + r, add_special_tokens=False)) for r in refs) + 1 if task else 256)
+    setting = dict(model_name=args.model_name, ar_model=args.ar_model, prompts=args.prompts, n_prompts=len(prompts),
+                   gen_len=gen_len, seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock,
+                   threads=torch.get_num_threads())
     done = read_results(args.results, setting, p.error) if args.results else {}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if any((name, bs) not in done for bs in batch_sizes for name in names):
@@ -185,49 +219,59 @@ def main(argv=None):
         for name in names:
             if (name, bs) in done:
                 rows.append(done[name, bs])
-                print(table_row(*rows[-1]) + " (from --results)", file=sys.stderr, flush=True)
+                print(table_row(*rows[-1], n=len(prompts)) + " (from --results)", file=sys.stderr, flush=True)
                 continue
             kind, kw = ("flags", None) if name == flags_name(flags) else config(name)
             settings = flags if kind == "flags" else None if kind == "ar" else SamplerSettings(kind, **kw)
+            if task and kind not in ("ar", "flags"):   # at most one step a token, in one block of the answer's length
+                settings = replace(settings, diffusion_steps=gen_len, block_length=args.block_length, stop_at_eos=True)
+            elif task and kind == "flags":
+                settings = replace(settings, stop_at_eos=True)
+            if task and kind == "ar":
+                kw = {**kw, "eos_token_id": eos}
             target = (ar.model if kind == "ar" else model.model).get_decoder()
             calls, handle = count_forwards(target)
-            gens, secs = [], 0.0
+            gens, secs, row_forwards = [], 0.0, 0
             g = torch.Generator(args.device).manual_seed(args.seed)
             torch.manual_seed(args.seed)
             for s in tqdm(range(0, len(prompts), bs), desc=f"{name} @ batch {bs}", unit="batch", leave=False):
                 chunk = prompts[s:s + bs]
-                t0 = clock()
+                t0, before = clock(), calls[0]
                 if kind == "ar":
                     ids, att = ar._pad(prompt_ids[s:s + bs])
                     with torch.no_grad():
-                        out = ar.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.gen_len,
-                                                min_new_tokens=args.gen_len, pad_token_id=ar.pad, **kw)
+                        out = ar.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=gen_len,
+                                                min_new_tokens=None if task else gen_len, pad_token_id=ar.pad, **kw)
                     gens += out[:, ids.shape[1]:].tolist()
                 else:
-                    batch = build_inputs(tok, chunk, args.gen_len, mask_token_id=model.mask_token_id)
+                    batch = build_inputs(tok, chunk, gen_len, mask_token_id=model.mask_token_id)
                     out = sample(model, batch, settings, generator=g).cpu()
                     gen = ~batch["src_mask"] & batch["attention_mask"].bool()
                     gens += [out[b][gen[b]].tolist() for b in range(len(chunk))]
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 secs += clock() - t0
+                row_forwards += (calls[0] - before) * len(chunk)
             handle.remove()
-            n_tok = args.gen_len * len(prompts)
-            n_batches = math.ceil(len(prompts) / bs)
-            rows.append((name, bs, n_tok / secs, calls[0] / (n_batches * args.gen_len),
+            if task:   # the answers' own tokens: up to EOS (AR pads after it, the samplers fill the rest with it)
+                gens = [g[:answer_length(g, eos)] for g in gens]
+            n_tok = sum(map(len, gens))
+            # forwards per token of one row: each forward of a batch serves each of its rows
+            rows.append((name, bs, n_tok / secs, row_forwards / max(n_tok, 1),
                          gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens),
                          None if refs is None else accuracy(tok, gens, refs)))
-            print(table_row(*rows[-1]), file=sys.stderr, flush=True)   # each row as it is done: a long run cut short keeps them
+            print(table_row(*rows[-1], n=len(prompts)), file=sys.stderr, flush=True)   # each row as it is done: a long run cut short keeps them
             if args.results:
                 with open(args.results, "a", encoding="utf-8") as f:
                     f.write(json.dumps({**setting, **dict(zip(RESULT_FIELDS, rows[-1]))}) + "\n")
-    print(f"\n{args.model_name}, {len(prompts)} prompts, {args.gen_len} new tokens, {args.device} "
+    print(f"\n{args.model_name}" + (f" (ar_*: {args.ar_model})" if args.ar_model else "") +
+          f", {len(prompts)} prompts ({args.prompts}), {gen_len} new tokens at most, {args.device} "
           f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")
-    acc = "" if refs is None else " accuracy |"
-    print("| configuration | batch | tokens/s | forwards per token | gen. perplexity (AR parent) | unigram entropy (nats) |" + acc)
+    acc = "" if refs is None else " accuracy ± SE |"
+    print("| configuration | batch | tokens/s | tokens per forward | gen. perplexity (AR) | unigram entropy (nats) |" + acc)
     print("|---|---|---|---|---|---|" + ("---|" if acc else ""))
     for row in rows:
-        print(table_row(*row))
+        print(table_row(*row, n=len(prompts)))
     return rows
 
 
@@ -253,8 +297,11 @@ def read_results(path, setting, error):
     return done
 
 
-def table_row(name, bs, tps, fpt, ppl, ent, right):
-    return f"| {name} | {bs} | {tps:.2f} | {fpt:.3f} | {ppl:.1f} | {ent:.2f} |" + ("" if right is None else f" {right:.3f} |")
+def table_row(name, bs, tps, fpt, ppl, ent, right, n=None):
+    """A markdown row; the accuracy's standard error sqrt(p (1 - p) / n) when n is given."""
+    se = "" if n is None or right is None else f" ± {math.sqrt(right * (1 - right) / n):.3f}"
+    return (f"| {name} | {bs} | {tps:.2f} | {1 / fpt if fpt else float('inf'):.2f} | {ppl:.1f} | {ent:.2f} |"
+            + ("" if right is None else f" {right:.3f}{se} |"))
 
 
 def accuracy(tok, gens, refs):

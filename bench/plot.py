@@ -5,6 +5,7 @@ PNG plots of training logs and benchmark results (matplotlib, no display needed)
     python bench/plot.py loss out/adapt/log.jsonl out/sft/log.jsonl --out loss.png    # overlaid, labelled by folder
     python bench/plot.py lambada bench/results/lambada_tokens.jsonl --out bench/plots/lambada_tokens.png
     python bench/plot.py speed bench/results/samplers_cpu.jsonl --out bench/plots/sampler_speed.png
+    python bench/plot.py accuracy bench/results/sort_sft.jsonl bench/results/sort_certainty.jsonl --out acc.png
 
 loss: training loss, validation loss (val_loss) and the learning rate against the step from the log.jsonl
 of train_adapt.py or train_sft.py (a third panel for eval_accuracy when a log has it). Lines without any
@@ -17,6 +18,11 @@ Rows at 0 tokens (the AR parent, "ar": true, and the untrained bidirectional mod
 speed: tokens/s against tokens per forward (1 / forwards_per_token), one panel per batch size, one
 marker per sampler configuration, the AR parent's greedy decoding (ar_greedy) as a horizontal line, from
 the JSON lines bench/bench_samplers.py --results writes.
+
+accuracy: accuracy (with its standard error) against tokens/s, one panel per batch size, from the JSON
+lines bench/bench_samplers.py --results writes on a task (--prompts synthetic_sort, gsm8k, ...); one color
+per model (several files or models overlay), one marker per configuration, the ar_* rows (the AR model,
+e.g. the AR-SFT parent) as black stars.
 
 Bad input (a missing file, a line that is not JSON, a missing or non-numeric field) is one line naming the
 file and line, exit status 2.
@@ -146,6 +152,31 @@ def speed_series(path):
     return settings, dict(sorted(panels.items()))
 
 
+def accuracy_series(paths):
+    """{batch: [(model, config, tokens/s, accuracy, standard error)]} of the task rows (those with an accuracy),
+    in file order; the AR rows' model is their ar_model (or "AR parent")."""
+    panels = {}
+    for path in paths:
+        for i, r in read_jsonl(path):
+            if r.get("accuracy") is None:
+                continue
+            name, bs = text(r, "config", path, i), number(r, "batch", path, i)
+            tps, acc, n = number(r, "tokens_per_s", path, i), number(r, "accuracy", path, i), number(r, "n_prompts", path, i)
+            if not 0 <= acc <= 1 or n < 1:
+                raise DataError(f"{path} line {i}: accuracy {acc:g} on {n:g} prompts is not a share of prompts")
+            model = (r.get("ar_model") or "AR parent") if name.startswith("ar_") else str(r.get("model_name", "?"))
+            panels.setdefault(int(bs), []).append((model, name, tps, acc, (acc * (1 - acc) / n) ** 0.5))
+    if not panels:
+        raise DataError(f"{', '.join(paths)}: no rows with an accuracy (bench_samplers.py --prompts <task> --results)")
+    return dict(sorted(panels.items()))
+
+
+def short(model):
+    """A model's label: its run folder (out/sft/final -> out/sft)."""
+    model = model.rstrip("/")
+    return os.path.dirname(model) if os.path.basename(model) in ("final", "merged") else model
+
+
 # -----------------------------------------------------------------------------
 # drawing: each returns the Figure, so the tests can read back what was drawn
 
@@ -237,20 +268,52 @@ def draw_speed(path):
     return fig
 
 
+def draw_accuracy(paths):
+    panels = accuracy_series(paths)
+    rows = [r for p in panels.values() for r in p]
+    models = list(dict.fromkeys(m for m, c, *_ in rows if not c.startswith("ar_")))
+    configs = list(dict.fromkeys(c for _, c, *_ in rows if not c.startswith("ar_")))
+    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False, figsize=(5.5 * len(panels) + 3, 5.5))
+    for ax, (bs, points) in zip(axes[0], panels.items()):
+        for model, name, tps, acc, se in points:
+            if name.startswith("ar_"):
+                ax.errorbar([tps], [acc], yerr=[se], color="black", marker="*", ms=14, capsize=3, ls="",
+                            label=f"{short(model)}: {name}")
+            else:
+                ax.errorbar([tps], [acc], yerr=[se], color=f"C{models.index(model) % 10}", capsize=2, ls="", ms=8,
+                            mfc="none", mew=1.6, marker=MARKERS[configs.index(name) % len(MARKERS)],
+                            label=f"{short(model)}: {name}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("tokens/s (log scale)")
+        ax.set_title(f"batch {bs}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("accuracy (± standard error)")
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=7, title="model: configuration")
+    fig.suptitle("Accuracy against decoding speed", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 3.2 / fig.get_figwidth(), 1))
+    return fig
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="PNG plots of training logs and benchmark results")
     sub = p.add_subparsers(dest="kind", required=True)
     for kind, helps in (("loss", "log.jsonl files of train_adapt.py / train_sft.py (several overlay)"),
                         ("lambada", "JSON lines: run, tokens, accuracy [, stderr, lines, ar]"),
-                        ("speed", "JSON lines of bench/bench_samplers.py --results")):
+                        ("speed", "JSON lines of bench/bench_samplers.py --results"),
+                        ("accuracy", "JSON lines of bench/bench_samplers.py --prompts <task> --results (several overlay)")):
         q = sub.add_parser(kind, help=helps)
-        q.add_argument("files", nargs="+" if kind == "loss" else 1, help=helps)
+        q.add_argument("files", nargs="+" if kind in ("loss", "accuracy") else 1, help=helps)
         q.add_argument("--out", required=True, help="the PNG to write (its folder must exist)")
         q.add_argument("--dpi", type=int, default=120)
     args = p.parse_args(argv)
     check_output_file(args.out, lambda m: p.error(m))
     draw = dict(loss=lambda: draw_loss(args.files), lambada=lambda: draw_lambada(args.files[0]),
-                speed=lambda: draw_speed(args.files[0]))[args.kind]
+                speed=lambda: draw_speed(args.files[0]), accuracy=lambda: draw_accuracy(args.files))[args.kind]
     try:
         fig = draw()
     except DataError as e:

@@ -166,3 +166,46 @@ def test_config_names():
     for bad in ("threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense", "threshold0.9@",
                 "threshold0.9@1.2.3", "ar_greedy@1.0", "eb", "eb+dual", "eb1.2.3"):
         assert bs.config(bad) is None, bad
+
+
+def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch):
+    """--prompts synthetic_sort: the samplers get stop_at_eos, one step a token at most and one block; tokens per
+    forward and accuracy count each answer up to its EOS (here a stand-in sampler writes the reference + EOS with a
+    known number of forwards)."""
+    from model import DiscreteDiffusionModel, SamplerSettings
+    path = save_tiny_ar(tmp_path / "ar", "llama", max_pos=128)
+    DiscreteDiffusionModel.from_pretrained(path).save_pretrained(tmp_path / "dlm")
+    problems = [{"instruction": "the king", "output": "said to his queen"}, {"instruction": "my lord", "output": "good"},
+                {"instruction": "o sir", "output": "come now and love"}]     # in the tiny tokenizer's words
+    asked = []
+    monkeypatch.setattr(bs, "synthetic", lambda task, split, n: asked.append((task, split, n)) or problems[:n])
+    refs = [r["output"] for r in problems]
+    seen = []
+
+    def fake(model, batch, settings, generator=None):
+        seen.append(settings)
+        out, tok = batch["input_ids"].clone(), model.tokenizer
+        for _ in range(5):                      # five forwards for the whole batch
+            model.model.get_decoder()(input_ids=out[:, :2])
+        gen = ~batch["src_mask"] & batch["attention_mask"].bool()
+        for b in range(out.shape[0]):
+            cols = gen[b].nonzero()[:, 0]
+            ans = tok.encode(" " + refs[len(seen) - 2 + b if len(seen) > 1 else 0], add_special_tokens=False)
+            ans = (ans + [tok.eos_token_id] * len(cols))[:len(cols)]
+            out[b, cols] = torch.tensor(ans)
+        return out
+    monkeypatch.setattr(bs, "sample", fake)
+    rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--prompts", "synthetic_sort", "--n_prompts", "3",
+                    "--batch_sizes", "1", "--configs", "threshold0.7+dual", "--device", "cpu"])
+    tok = DiscreteDiffusionModel.from_pretrained(tmp_path / "dlm").tokenizer
+    n_ref = [len(tok.encode(" " + r, add_special_tokens=False)) + 1 for r in refs]     # with its EOS
+    gen_len = max(n_ref)
+    assert seen[1:] == [SamplerSettings("threshold", diffusion_steps=gen_len, block_length=None, threshold=0.7,
+                                        cache="dual", stop_at_eos=True)] * 3
+    assert asked == [("synthetic_sort", "test", 3)]
+    assert rows[0][6] == 1.0                                   # every answer right
+    assert rows[0][3] == pytest.approx(5 * 3 / sum(n_ref))     # forwards per token: 5 a prompt over its answer's tokens
+
+
+def test_answer_length():
+    assert bs.answer_length([4, 5, 0, 0], 0) == 3 and bs.answer_length([4, 5], 0) == 2 and bs.answer_length([0, 7], 0) == 1

@@ -1,6 +1,7 @@
 """bench/plot.py: every plot kind writes a PNG, draws exactly the file's numbers, and bad input is one line
 naming the file and line with exit status 2; the transcribed results in bench/results/ read back."""
 import json
+import math
 import os
 import sys
 
@@ -105,6 +106,30 @@ def test_speed_plot_draws_the_file(tmp_path):
         assert ar == [next(r["tokens_per_s"] for r in SPEED if r["batch"] == bs and r["config"] == "ar_greedy")]
 
 
+ACC = [dict(model_name="out/sft/final", ar_model="out/ar/final", n_prompts=100, config=c, batch=b, tokens_per_s=s,
+            forwards_per_token=f, accuracy=a)
+       for c, b, s, f, a in (("ar_greedy", 1, 30.0, 1.0, 0.9), ("threshold0.7", 1, 60.0, 0.25, 0.81),
+                             ("threshold0.7", 8, 200.0, 0.25, 0.81), ("ar_greedy", 8, 100.0, 1.0, 0.9))]
+
+
+def test_accuracy_plot_draws_the_files(tmp_path):
+    other = [{**r, "model_name": "out/cert/final", "accuracy": 0.5} for r in ACC if r["config"] != "ar_greedy"]
+    corpus = {**ACC[1], "accuracy": None}          # a corpus row: no accuracy, not drawn
+    fig = plot.draw_accuracy([write_jsonl(tmp_path / "a.jsonl", ACC + [corpus]), write_jsonl(tmp_path / "b.jsonl", other)])
+    for ax, bs in zip(fig.axes, (1, 8)):
+        assert ax.get_title() == f"batch {bs}"
+        points = sorted((ln.get_label(), *ln.get_xydata()[0].tolist()) for ln in ax.get_lines()
+                        if ln.get_marker() not in ("None", "_"))
+        ar = next(r["tokens_per_s"] for r in ACC if r["batch"] == bs and r["config"] == "ar_greedy")
+        mine = next(r["tokens_per_s"] for r in ACC if r["batch"] == bs and r["config"] == "threshold0.7")
+        assert sorted(p[1:] for p in points) == sorted([(ar, 0.9), (mine, 0.81), (mine, 0.5)])
+        stars = [ln.get_xydata()[0].tolist() for ln in ax.get_lines() if ln.get_marker() == "*"]
+        assert stars == [[ar, 0.9]]
+    se = math.sqrt(0.81 * 0.19 / 100)
+    bars = [seg for c in fig.axes[0].collections for seg in c.get_segments()]
+    assert any(abs(seg[0][1] - (0.81 - se)) < 1e-9 and abs(seg[1][1] - (0.81 + se)) < 1e-9 for seg in bars)
+
+
 @pytest.mark.parametrize("kind,rows,text,line", [
     ("loss", ['{"step": 1, "loss": 2.0, "lr": 1e-4}', "{not json"], "not valid JSON", 2),
     ("loss", ['{"loss": 2.0, "lr": 1e-4}'], "missing field 'step'", 1),
@@ -119,6 +144,8 @@ def test_speed_plot_draws_the_file(tmp_path):
     ("speed", ["[1, 2]"], "expected a JSON object", 1),
     ("speed", [json.dumps({k: v for k, v in SPEED[0].items() if k != "batch"})], "missing field 'batch'", 1),
     ("speed", [json.dumps({**SPEED[0], "batch": 1.5})], "field 'batch' is not a batch size", 1),
+    ("accuracy", [json.dumps({**ACC[0], "accuracy": 1.5})], "accuracy 1.5 on 100 prompts is not a share", 1),
+    ("accuracy", [json.dumps({**ACC[0], "accuracy": None})], "no rows with an accuracy", None),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, kind, rows, text, line):
     path = tmp_path / "in.jsonl"

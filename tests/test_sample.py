@@ -670,6 +670,7 @@ def test_busy_cpu_hint(monkeypatch, capsys):
     monkeypatch.setattr(model.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(model.torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(model.os, "getloadavg", lambda: (4.2, 3.0, 2.0))
+    monkeypatch.setattr(model, "runnable_others", lambda: None)               # no /proc/loadavg: the average alone
     line = model.cpu_thread_hint("sample.py", "cpu")
     assert line.startswith("sample.py: the CPU is busy (load 4.2 on 2 cores) and torch runs 2 threads: OMP_NUM_THREADS=1")
     assert capsys.readouterr().err == line + "\n"
@@ -679,7 +680,14 @@ def test_busy_cpu_hint(monkeypatch, capsys):
     monkeypatch.setattr(model.os, "getloadavg", lambda: (4.2, 3.0, 2.0))
     monkeypatch.setattr(model.torch, "get_num_threads", lambda: 1)            # one thread already
     assert model.cpu_thread_hint("sample.py") is None
+    monkeypatch.setattr(model.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(model, "runnable_others", lambda: 0)       # a job just ended: its load lingers in the average
+    assert model.cpu_thread_hint("sample.py") is None
+    monkeypatch.setattr(model, "runnable_others", lambda: 3)       # three others running now
+    assert model.cpu_thread_hint("sample.py").startswith("sample.py: the CPU is busy (load 3.0 on 2 cores)")
+    capsys.readouterr()
     assert capsys.readouterr().err == ""
+    assert isinstance(model.runnable_others(), (int, type(None)))
 
 
 # -- EB-sampler: the entropy bound -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, assert_close_weights, kill_then_resume, save_tiny_ar, tiny_causal_lm, torchrun2
 
+from common import synthetic, synthetic_arith
 import train_sft
 from model import (DiscreteDiffusionModel, block_diffusion_mask, block_inputs, diffusion_loss, generate_block,
                    layout_rows, maskable_positions, noise_draw, propose, commit_top,
@@ -196,8 +197,8 @@ def test_block_sampler_equals_uncached_training_forward(shift, B):
 # ----------------------------------------------------------------------------- synthetic data
 
 def test_synthetic_arith_seeded_disjoint_and_correct():
-    train, test = train_sft.synthetic_arith("train", 300), train_sft.synthetic_arith("test", 50)
-    assert train == train_sft.synthetic_arith("train", 300)
+    train, test = synthetic_arith("train", 300), synthetic_arith("test", 50)
+    assert train == synthetic_arith("train", 300)
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     for r in train + test:
         steps = re.findall(r"<<(\d+)([-+*])(\d+)=(\d+)>>", r["output"])
@@ -544,8 +545,8 @@ def test_self_distillation_keeps_what_the_checker_accepts_and_trains(setup, tmp_
 
 
 def test_synthetic_sort_seeded_disjoint_and_sorted():
-    train, test = train_sft.synthetic("synthetic_sort", "train", 200), train_sft.synthetic("synthetic_sort", "test", 30)
-    assert train == train_sft.synthetic("synthetic_sort", "train", 200)
+    train, test = synthetic("synthetic_sort", "train", 200), synthetic("synthetic_sort", "test", 30)
+    assert train == synthetic("synthetic_sort", "train", 200)
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     for r in train + test:
         digits = r["instruction"].split(": ")[1].split()
