@@ -15,8 +15,9 @@ parent's own cached `generate`, on 20 fixed prompts from the shared corpora.
 Quality needs an adapted model (the unadapted one's samples mean nothing; its speed does not depend on
 training). Low perplexity with low entropy is repetition, not quality. Prints a markdown table.
 
-A task (--prompts synthetic_sort, synthetic_arith or gsm8k): the first --n_prompts problems of the
-built-in task's test split (or of --data_dir's gsm8k_test.json) in the model's prompt template, for models
+A task (--prompts synthetic_sort, synthetic_arith, gsm8k or a .json/.jsonl file of {"instruction",
+"output"} records): the first --n_prompts problems of the built-in task's test split (of --data_dir's
+gsm8k_test.json, of the file) in the model's prompt template, for models
 fine-tuned on the task (train_sft.py). Every sampler stops at EOS; the answers are --gen_len tokens at most
 (default: the longest reference plus EOS), the diffusion samplers run one block of that length (or
 --block_length blocks) with one step per token at most; tokens/s and tokens per forward count each
@@ -41,7 +42,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from common import PROMPT, SYNTHETIC_TASKS, Parser, at_least, first_line, is_correct, read_records, synthetic  # noqa: E402
+from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, field, first_line, is_correct,  # noqa: E402
+                    read_records, synthetic)
 from model import (DTYPES, SamplerSettings, add_sampler_args, build_inputs, cut_at_eos, default_device,  # noqa: E402
                    default_dtype, sample)
 
@@ -121,14 +123,20 @@ def gen_perplexity(ar, prompts_ids, gens):
 
 
 def task_prompts(task, n, data_dir, config, tok):
-    """The first n problems of a task's test split as (prompts in the model's prompt template, references)."""
-    if task == "gsm8k":
-        path = os.path.join(data_dir, "gsm8k_test.json")
+    """The first n problems of a task's test split (or of a file of records) as (prompts in the model's prompt
+    template, references)."""
+    if task in SYNTHETIC_TASKS:
+        problems = synthetic(task, "test", n)
+    else:
+        path = os.path.join(data_dir, "gsm8k_test.json") if task == "gsm8k" else task
         if not os.path.isfile(path):
             raise ValueError(f"--data_dir {data_dir}: no gsm8k_test.json")
-        problems = read_records(path)[:n]
-    else:
-        problems = synthetic(task, "test", n)
+        try:
+            problems = read_records(path)[:n]
+            problems = [{"instruction": str(field(r, "instruction", path=path, i=i)),
+                         "output": str(field(r, "output", path=path, i=i))} for i, r in enumerate(problems, 1)]
+        except DataError as e:
+            raise ValueError(f"--prompts {e}") from None
     template = getattr(config, "prompt_template", None) or PROMPT
     if template == "chat":
         wrap = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
@@ -153,8 +161,9 @@ def main(argv=None):
     p.add_argument("--model_name", default="smollm2-135m", help="run folder, model folder, hub id, or smollm2-135m")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"), help="holds wiki_demo.txt and c4_demo.json")
     p.add_argument("--n_prompts", type=at_least(1), default=20, help="prompts per configuration")
-    p.add_argument("--prompts", default="corpus", choices=["corpus", *TASKS],
-                   help="corpus: wiki/C4 openings; a task: its test problems, answers up to EOS (adds accuracy)")
+    p.add_argument("--prompts", default="corpus",
+                   help="corpus: wiki/C4 openings; a task (synthetic_sort, synthetic_arith, gsm8k) or a .json/.jsonl "
+                        "file of {instruction, output} records: its problems, answers up to EOS (adds accuracy)")
     p.add_argument("--ar_model", default=None, help="the model of the ar_* configurations and the perplexity "
                    "(default: the AR parent of --model_name); e.g. a train_sft.py --ar run")
     p.add_argument("--gen_len", type=at_least(1), default=None,
@@ -177,6 +186,8 @@ def main(argv=None):
         flags = SamplerSettings.from_args(args)
     except ValueError as e:
         p.error(str(e))
+    if args.prompts not in ("corpus", *TASKS) and not os.path.isfile(args.prompts):
+        p.error(f"--prompts {args.prompts}: not corpus, {', '.join(TASKS)} or a file of records")
     if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
         p.error(f"--results {args.results}: its folder does not exist")
     for f in ("wiki_demo.txt", "c4_demo.json") if args.prompts == "corpus" else ():

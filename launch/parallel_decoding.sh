@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The parallel-decoding recipe on a fine-tuned task, end to end: the AR-SFT baseline (the parent fine-tuned
+# as a causal LM), diffusion SFT, self-distillation (the SFT model's own right answers), certainty
+# fine-tuning on them beside a control run without the certainty term, then the sampler benchmark of the
+# three diffusion models against the AR-SFT baseline and its plot (docs/training.md#parallel-decoding).
+#
+#   bash launch/parallel_decoding.sh                                   # synthetic_sort, the embedded SmolLM2-135M
+#   MODEL=out/adapt/final OUT=out/pd STEPS=1000 bash launch/parallel_decoding.sh    # an adapted checkpoint
+#   STAGES="bench plot" bash launch/parallel_decoding.sh               # only some stages (the runs exist)
+#
+# Environment (all optional): MODEL (default smollm2-135m), TASK (synthetic_sort; a built-in task or an
+# {"instruction", "output"} file with EVAL its test file), OUT (out/parallel_decoding), STEPS (SFT steps of
+# both baselines, 360), CERT_STEPS (certainty and control steps, 200), DISTILL_N (training prompts the SFT
+# model answers, 600), N_PROMPTS (held-out benchmark problems, 100), CONFIGS (the benchmark's diffusion
+# configurations), STAGES (any of: ar sft distill certainty control bench plot; default all in that order).
+# About 3 hours on 2 CPU cores at one thread a job (ar and sft side by side, then certainty and control).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODEL="${MODEL:-smollm2-135m}"
+TASK="${TASK:-synthetic_sort}"
+EVAL="${EVAL:-$TASK}"
+OUT="${OUT:-out/parallel_decoding}"
+STEPS="${STEPS:-360}"
+CERT_STEPS="${CERT_STEPS:-200}"
+DISTILL_N="${DISTILL_N:-600}"
+N_PROMPTS="${N_PROMPTS:-100}"
+CONFIGS="${CONFIGS:-low_confidence,threshold0.9,threshold0.7,threshold0.5,factor1.0,eb0.5,eb2}"
+STAGES="${STAGES:-ar sft distill certainty control bench plot}"
+mkdir -p "$OUT"
+
+COMMON=(--data "$TASK" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --synthetic_n 5000 --batch_size 8
+        --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len 128 --keep_last 1)
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+stage() { if has "$1"; then shift; "$@"; fi; }   # stage NAME command...: run it if NAME is in STAGES
+
+# the two baselines at the same budget: the AR parent as a causal LM, and diffusion SFT of the same model
+stage ar python train_sft.py --model_name "$MODEL" --ar "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
+  --save_every 120 --out_dir "$OUT/ar"
+stage sft python train_sft.py --model_name "$MODEL" "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
+  --save_every 120 --out_dir "$OUT/sft"
+
+# the SFT model's own answers to training prompts, kept where the checker accepts them
+stage distill python train_sft.py --model_name "$OUT/sft" --data "$TASK" --synthetic_n "$DISTILL_N" \
+  --sampler threshold --threshold 0.9 --distill "$OUT/distilled.json"
+
+# certainty fine-tuning on them (the entropy of the predictions already right, weight 2 at temperature 0.5),
+# and the same run without the certainty term: what the extra steps alone give
+CERT=(--data "$OUT/distilled.json" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --batch_size 8
+      --lr 1e-4 --min_lr 1e-5 --warmup_steps 10 --seq_len 128 --keep_last 1 --max_steps "$CERT_STEPS"
+      --eval_every 100 --save_every 100)
+stage certainty python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --certainty_weight 2 --certainty_temp 0.5 \
+  --out_dir "$OUT/certainty"
+stage control python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --out_dir "$OUT/control"
+
+# accuracy, tokens per forward and tokens/s on held-out problems, with and without the dual cache, batch 1 and 8
+if has bench; then
+  DUAL=$(echo "$CONFIGS" | tr ',' '\n' | sed 's/$/+dual/' | paste -sd, -)
+  for M in sft certainty control; do
+    python bench/bench_samplers.py --model_name "$OUT/$M" --ar_model "$OUT/ar" --prompts "$EVAL" \
+      --n_prompts "$N_PROMPTS" --batch_sizes 1,8 --clock cpu --configs "ar_greedy,$CONFIGS,$DUAL" \
+      --results "$OUT/bench_$M.jsonl"
+  done
+fi
+stage plot python bench/plot.py accuracy "$OUT"/bench_sft.jsonl "$OUT"/bench_certainty.jsonl \
+  "$OUT"/bench_control.jsonl --out "$OUT/accuracy_speed.png"

@@ -1,0 +1,41 @@
+"""launch/parallel_decoding.sh: every stage of the recipe runs and hands its output to the next, on a tiny model."""
+import json
+import os
+import subprocess
+
+from conftest import ROOT, save_tiny_ar
+from test_train_adapt import subprocess_env
+
+TOY = [{"instruction": q, "output": a} for q, a in (
+    ("the king", "queen lord"), ("a man", "night day"), ("my love", "thou good"), ("good sir", "well man"),
+    ("his lord", "you are"), ("her day", "come now"))]          # every word in the tiny vocabulary
+
+
+def run_stages(env, stages):
+    return subprocess.run(["bash", os.path.join(ROOT, "launch", "parallel_decoding.sh")], cwd=ROOT,
+                          env={**env, "STAGES": stages}, capture_output=True, text=True, timeout=600)
+
+
+def test_parallel_decoding_recipe_runs(tmp_path):
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(TOY))
+    out = tmp_path / "pd"
+    env = dict(subprocess_env(), MODEL=save_tiny_ar(tmp_path / "tiny"), TASK=str(data), EVAL=str(data), OUT=str(out),
+               STEPS="2", CERT_STEPS="2", DISTILL_N="6", N_PROMPTS="2", CONFIGS="threshold0.9")
+    r = run_stages(env, "ar sft distill")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "ar" / "final" / "config.json").is_file() and (out / "sft" / "final" / "config.json").is_file()
+    assert isinstance(json.loads((out / "distilled.json").read_text()), list)
+    # a random model answers nothing right: the recipe's next stages get the references as "its" answers
+    (out / "distilled.json").unlink()
+    (out / "distilled.json").write_text(json.dumps(TOY))
+    r = run_stages(env, "certainty control bench plot")
+    assert r.returncode == 0, r.stderr[-2000:]
+    logs = {m: [json.loads(line) for line in (out / m / "log.jsonl").read_text().splitlines()] for m in ("certainty", "control")}
+    assert any("certainty" in rec for rec in logs["certainty"]) and not any("certainty" in rec for rec in logs["control"])
+    for m in ("sft", "certainty", "control"):
+        rows = [json.loads(line) for line in (out / f"bench_{m}.jsonl").read_text().splitlines()]
+        assert sorted((row["config"], row["batch"]) for row in rows) == sorted(
+            (c, b) for c in ("ar_greedy", "threshold0.9", "threshold0.9+dual") for b in (1, 8))
+        assert all(row["accuracy"] is not None and row["ar_model"] == str(out / "ar") for row in rows)
+    assert (out / "accuracy_speed.png").stat().st_size > 0
