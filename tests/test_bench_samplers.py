@@ -209,3 +209,18 @@ def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch):
 
 def test_answer_length():
     assert bs.answer_length([4, 5, 0, 0], 0) == 3 and bs.answer_length([4, 5], 0) == 2 and bs.answer_length([0, 7], 0) == 1
+
+
+def test_bad_prompts_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bs.main(["--prompts", str(tmp_path / "none.json")])
+    assert "--prompts " + str(tmp_path / "none.json") + ": not corpus, synthetic_arith, synthetic_sort, gsm8k or a file" \
+        in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "the king"}]')
+    from model import DiscreteDiffusionModel
+    DiscreteDiffusionModel.from_pretrained(save_tiny_ar(tmp_path / "ar", "llama")).save_pretrained(tmp_path / "dlm")
+    with pytest.raises(SystemExit):
+        bs.main(["--model_name", str(tmp_path / "dlm"), "--prompts", str(bad), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: --prompts {bad} record 1: missing field 'output'")
