@@ -58,6 +58,7 @@ Evaluation (--eval_data, every --eval_every steps and at the end): each prompt i
 """
 import json
 import os
+import signal
 from dataclasses import replace
 
 import torch
@@ -393,6 +394,8 @@ def distill(args):
     SFT -> distill -> certainty fine-tune (--certainty_weight) on FILE."""
     if os.path.exists(args.distill):
         flag_error(f"--distill {args.distill} exists: choose a new file (nothing is overwritten)")
+    # no steps and no checkpoints: a stop signal stops at once (the file is written only at the end)
+    trainer.restore_handlers({getattr(signal, n): None for n in trainer.STOP_SIGNALS if hasattr(signal, n)})
     check_output_file(args.distill, flag_error)
     device = args.device or default_device()
     try:

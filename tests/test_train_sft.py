@@ -3,6 +3,7 @@ learnt by full / LoRA / block fine-tuning, DDP equivalence, kill + resume, bad i
 import json
 import os
 import re
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -542,6 +543,19 @@ def test_self_distillation_keeps_what_the_checker_accepts_and_trains(setup, tmp_
     train_sft.main(["--model_name", str(out), "--data", str(target), "--seq_len", "32", "--batch_size", "4",
                     "--max_steps", "2", "--certainty_weight", "1", "--eval_every", "0", "--out_dir", str(tmp_path / "cert")])
     assert [r["step"] for r in read_log(tmp_path / "cert")] == [1, 2]
+
+
+def test_distill_stops_at_once_on_a_signal(setup, tmp_path):
+    """--distill writes its file only at the end and has no step to finish: SIGTERM ends it at once, no file."""
+    import subprocess
+    target = tmp_path / "distilled.json"
+    code = ("import os, signal, time, train_sft\n"
+            "train_sft.answer = lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))\n"
+            f"train_sft.main(['--model_name', {setup['model']!r}, '--data', {setup['data']!r}, '--distill', {str(target)!r}])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=25)
+    assert r.returncode == -signal.SIGTERM, r.stderr[-1000:]
+    assert not target.exists()
 
 
 def test_synthetic_sort_seeded_disjoint_and_sorted():
