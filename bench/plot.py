@@ -6,6 +6,7 @@ PNG plots of training logs and benchmark results (matplotlib, no display needed)
     python bench/plot.py lambada bench/results/lambada_tokens.jsonl --out bench/plots/lambada_tokens.png
     python bench/plot.py speed bench/results/samplers_cpu.jsonl --out bench/plots/sampler_speed.png
     python bench/plot.py accuracy bench/results/sort_sft.jsonl bench/results/sort_certainty.jsonl --out acc.png
+    python bench/plot.py ratios ratios.jsonl --out bench/plots/zeroshot_ratios.png
 
 loss: training loss, validation loss (val_loss) and the learning rate against the step from the log.jsonl
 of train_adapt.py or train_sft.py (a third panel for eval_accuracy when a log has it). Lines without any
@@ -23,6 +24,11 @@ accuracy: accuracy (with its standard error) against tokens/s, one panel per bat
 lines bench/bench_samplers.py --results writes on a task (--prompts synthetic_sort, gsm8k, ...); one color
 per model (several files or models overlay), one marker per configuration, the ar_* rows (the AR model,
 e.g. the AR-SFT parent) as black stars.
+
+ratios: the zero-shot ratios diffusion / AR parent, from the JSON lines bench/zeroshot_table.py --jsonl writes
+(row, task, metric, ratio): grouped bars, one group per task (labelled with its metric), one color per row;
+the paper's ratios (row "paper: ...") as black markers; horizontal lines at 1.0 (parity) and 0.9 (the goal's
+mean). A line whose ratio is null (a division by zero) is not drawn.
 
 Bad input (a missing file, a line that is not JSON, a missing or non-numeric field) is one line naming the
 file and line, exit status 2.
@@ -171,6 +177,44 @@ def accuracy_series(paths):
     return dict(sorted(panels.items()))
 
 
+SUITE = ("lambada", "hellaswag", "winogrande", "piqa", "siqa", "arc_easy", "arc_challenge", "triviaqa", "rocstories",
+         "gsm8k", "wikitext")   # the order of eval_zeroshot.py's suite; other tasks after, in file order
+
+
+def ratio_series(path):
+    """(tasks [(task, metric)] in the suite's order, rows {row: {task: ratio}}, paper (label, {task: ratio}) or None) of
+    the JSON lines of bench/zeroshot_table.py --jsonl; a task's metric is the first non-paper row's."""
+    tasks, rows, paper, metric = [], {}, None, {}
+    for i, r in read_jsonl(path):
+        row, task = text(r, "row", path, i), text(r, "task", path, i)
+        if "ratio" not in r:
+            raise DataError(f"{path} line {i}: missing field 'ratio'")
+        ratio = number(r, "ratio", path, i, optional=True)   # null: a division by zero, not drawn
+        if ratio is not None and ratio < 0:
+            raise DataError(f"{path} line {i}: field 'ratio' is negative ({ratio:g})")
+        is_paper = row.startswith("paper:")
+        if is_paper:
+            if paper is not None and paper[0] != row:
+                raise DataError(f"{path} line {i}: a second paper row ({row!r} after {paper[0]!r})")
+            paper = paper or (row, {})
+            got = paper[1]
+        else:
+            got = rows.setdefault(row, {})
+        if task in got:
+            raise DataError(f"{path} line {i}: a second line for {row} on {task}")
+        if task not in metric or (not is_paper and metric[task][1]):
+            if task not in metric:
+                tasks.append(task)
+            metric[task] = (r.get("metric") if isinstance(r.get("metric"), str) else "?", is_paper)
+        if ratio is not None:
+            got[task] = ratio
+    if not any(rows.values()) and not (paper and paper[1]):
+        raise DataError(f"{path}: no line with a ratio (bench/zeroshot_table.py --jsonl)")
+    seen = list(tasks)
+    tasks.sort(key=lambda t: SUITE.index(t) if t in SUITE else len(SUITE) + seen.index(t))
+    return [(t, metric[t][0]) for t in tasks], rows, paper
+
+
 def short(model):
     """A model's label: its run folder (out/sft/final -> out/sft)."""
     model = model.rstrip("/")
@@ -299,13 +343,37 @@ def draw_accuracy(paths):
     return fig
 
 
+def draw_ratios(path):
+    tasks, rows, paper = ratio_series(path)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(tasks) + 3), 5.5))
+    width = 0.8 / max(1, len(rows))
+    for n, (row, ratios) in enumerate(rows.items()):
+        xs = [k - 0.4 + width * (n + 0.5) for k, (t, _) in enumerate(tasks) if t in ratios]
+        ax.bar(xs, [ratios[t] for t, _ in tasks if t in ratios], width=width * 0.92, color=f"C{n % 10}", label=row)
+    if paper and paper[1]:
+        pts = [(k, paper[1][t]) for k, (t, _) in enumerate(tasks) if t in paper[1]]
+        ax.plot(*zip(*pts), ls="", marker="D", ms=7, color="black", label=paper[0])
+    ax.axhline(1.0, color="black", lw=1.2, label="parity (1.0)")
+    ax.axhline(0.9, color="grey", ls="--", lw=1.2, label="goal mean (0.9)")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([f"{t}\n{m}" for t, m in tasks], fontsize=8)
+    ax.set_xlim(-0.6, len(tasks) - 0.4)
+    ax.set_ylabel("ratio to the AR parent (perplexity: AR / diffusion)")
+    ax.set_title("Zero-shot suite: diffusion / AR parent, headline metric per task")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="PNG plots of training logs and benchmark results")
     sub = p.add_subparsers(dest="kind", required=True)
     for kind, helps in (("loss", "log.jsonl files of train_adapt.py / train_sft.py (several overlay)"),
                         ("lambada", "JSON lines: run, tokens, accuracy [, stderr, lines, ar]"),
                         ("speed", "JSON lines of bench/bench_samplers.py --results"),
-                        ("accuracy", "JSON lines of bench/bench_samplers.py --prompts <task> --results (several overlay)")):
+                        ("accuracy", "JSON lines of bench/bench_samplers.py --prompts <task> --results (several overlay)"),
+                        ("ratios", "JSON lines of bench/zeroshot_table.py --jsonl: row, task, metric, ratio")):
         q = sub.add_parser(kind, help=helps)
         q.add_argument("files", nargs="+" if kind in ("loss", "accuracy") else 1, help=helps)
         q.add_argument("--out", required=True, help="the PNG to write (its folder must exist)")
@@ -313,7 +381,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_output_file(args.out, lambda m: p.error(m))
     draw = dict(loss=lambda: draw_loss(args.files), lambada=lambda: draw_lambada(args.files[0]),
-                speed=lambda: draw_speed(args.files[0]), accuracy=lambda: draw_accuracy(args.files))[args.kind]
+                speed=lambda: draw_speed(args.files[0]), accuracy=lambda: draw_accuracy(args.files),
+                ratios=lambda: draw_ratios(args.files[0]))[args.kind]
     try:
         fig = draw()
     except DataError as e:

@@ -11,9 +11,12 @@
 # Environment (all optional): MODEL (default smollm2-135m), TASK (synthetic_sort; a built-in task or an
 # {"instruction", "output"} file with EVAL its test file), OUT (out/parallel_decoding), STEPS (SFT steps of
 # both baselines, 360), CERT_STEPS (certainty and control steps, 200), DISTILL_N (training prompts the SFT
-# model answers, 600), N_PROMPTS (held-out benchmark problems, 100), CONFIGS (the benchmark's diffusion
-# configurations), STAGES (any of: ar sft distill certainty control bench plot; default all in that order).
-# About 3 hours on 2 CPU cores at one thread a job (ar and sft side by side, then certainty and control).
+# model answers, 800), N_PROMPTS (held-out benchmark problems at batch 8, 40), N_PROMPTS_B1
+# (the first of them at batch 1, 20), CONFIGS (the benchmark's diffusion configurations, each also with the
+# dual cache), STAGES (any of: ar sft distill certainty control bench plot; default all in that order),
+# DTYPE (of the training runs, bfloat16; the benchmark runs in float32).
+# About 3.5 hours on 2 CPU cores at one thread a job (ar and sft side by side, then certainty and control;
+# the benchmark is about 40 minutes a model).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,14 +26,16 @@ EVAL="${EVAL:-$TASK}"
 OUT="${OUT:-out/parallel_decoding}"
 STEPS="${STEPS:-360}"
 CERT_STEPS="${CERT_STEPS:-200}"
-DISTILL_N="${DISTILL_N:-600}"
-N_PROMPTS="${N_PROMPTS:-100}"
-CONFIGS="${CONFIGS:-low_confidence,threshold0.9,threshold0.7,threshold0.5,factor1.0,eb0.5,eb2}"
+DISTILL_N="${DISTILL_N:-800}"
+N_PROMPTS="${N_PROMPTS:-40}"
+N_PROMPTS_B1="${N_PROMPTS_B1:-20}"
+CONFIGS="${CONFIGS:-low_confidence,threshold0.9,threshold0.7,threshold0.5,factor1.0,eb0.5}"
 STAGES="${STAGES:-ar sft distill certainty control bench plot}"
+DTYPE="${DTYPE:-bfloat16}"   # training; float32 on a CPU without native bf16 (AVX-512 BF16), where bf16 is slow
 mkdir -p "$OUT"
 
 COMMON=(--data "$TASK" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --synthetic_n 5000 --batch_size 8
-        --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len 128 --keep_last 1)
+        --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len 128 --keep_last 1 --dtype "$DTYPE")
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { if has "$1"; then shift; "$@"; fi; }   # stage NAME command...: run it if NAME is in STAGES
 
@@ -48,19 +53,22 @@ stage distill python train_sft.py --model_name "$OUT/sft" --data "$TASK" --synth
 # and the same run without the certainty term: what the extra steps alone give
 CERT=(--data "$OUT/distilled.json" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --batch_size 8
       --lr 1e-4 --min_lr 1e-5 --warmup_steps 10 --seq_len 128 --keep_last 1 --max_steps "$CERT_STEPS"
-      --eval_every 100 --save_every 100)
+      --eval_every 100 --save_every 100 --dtype "$DTYPE")
 stage certainty python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --certainty_weight 2 --certainty_temp 0.5 \
   --out_dir "$OUT/certainty"
 stage control python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --out_dir "$OUT/control"
 
-# accuracy, tokens per forward and tokens/s on held-out problems, with and without the dual cache, batch 1 and 8
+# accuracy, tokens per forward and tokens/s on held-out problems, with and without the dual cache, at batch 8
+# (N_PROMPTS) and batch 1 (the first N_PROMPTS_B1); one thread, timed by process CPU time
 if has bench; then
   DUAL=$(echo "$CONFIGS" | tr ',' '\n' | sed 's/$/+dual/' | paste -sd, -)
   for M in sft certainty control; do
-    python bench/bench_samplers.py --model_name "$OUT/$M" --ar_model "$OUT/ar" --prompts "$EVAL" \
-      --n_prompts "$N_PROMPTS" --batch_sizes 1,8 --clock cpu --configs "ar_greedy,$CONFIGS,$DUAL" \
-      --results "$OUT/bench_$M.jsonl"
+    for B in 8 1; do
+      N=$([ "$B" = 1 ] && echo "$N_PROMPTS_B1" || echo "$N_PROMPTS")
+      OMP_NUM_THREADS=1 python bench/bench_samplers.py --model_name "$OUT/$M" --ar_model "$OUT/ar" --prompts "$EVAL" \
+        --n_prompts "$N" --batch_sizes "$B" --clock cpu --configs "ar_greedy,$CONFIGS,$DUAL" \
+        --results "$OUT/bench_${M}_b$B.jsonl"
+    done
   done
 fi
-stage plot python bench/plot.py accuracy "$OUT"/bench_sft.jsonl "$OUT"/bench_certainty.jsonl \
-  "$OUT"/bench_control.jsonl --out "$OUT/accuracy_speed.png"
+stage plot python bench/plot.py accuracy "$OUT"/bench_{sft,certainty,control}_b{8,1}.jsonl --out "$OUT/accuracy_speed.png"

@@ -192,3 +192,61 @@ def test_results_files_read_back():
     assert usual == 5153 and [acc for _, acc, ar, marked in refs if ar and not marked] == [0.2282]
     assert np.allclose(runs["general text, GPU (32 x 512 a step)"][1],
                        [0.1824, 0.2040, 0.2129, 0.2338, 0.2172, 0.2348, 0.2313, 0.2373], rtol=0, atol=0)
+
+
+# bench/zeroshot_table.py --jsonl: two rows and the paper's ratios; "weak" lacks piqa, a null ratio is not drawn
+RATIOS = [{"row": "adapted", "task": "lambada", "metric": "acc", "value": 0.5, "ar": 0.5, "ratio": 1.0, "n": 2},
+          {"row": "adapted", "task": "piqa", "metric": "acc_norm", "value": 0.6, "ar": 0.5, "ratio": 1.2, "n": 4},
+          {"row": "adapted", "task": "wikitext", "metric": "token_perplexity", "value": 12.0, "ar": 9.6, "ratio": 0.8, "n": 1},
+          {"row": "weak", "task": "lambada", "metric": "acc", "value": 0.375, "ar": 0.75, "ratio": 0.5, "n": 4},
+          {"row": "weak", "task": "wikitext", "metric": "token_perplexity", "value": 0.0, "ar": 9.6, "ratio": None, "n": 1},
+          {"row": "paper: D / A", "task": "rocstories", "metric": "rouge1", "value": 15.0, "ar": 10.0, "ratio": 1.5, "n": None},
+          {"row": "paper: D / A", "task": "lambada", "metric": "acc", "value": 30.0, "ar": 40.0, "ratio": 0.75, "n": None}]
+
+
+def test_ratios_plot_draws_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "ratios.jsonl", RATIOS)
+    fig = plot.draw_ratios(path)
+    ax = fig.axes[0]
+    # tasks in the suite's order (lambada, piqa, rocstories, wikitext), each labelled with its metric
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["lambada\nacc", "piqa\nacc_norm", "rocstories\nrouge1",
+                                                            "wikitext\ntoken_perplexity"]
+    bars = {c.get_label(): [(round(p.get_x() + p.get_width() / 2, 9), p.get_height()) for p in c.patches]
+            for c in ax.containers}
+    # two rows: width 0.4 each, centres at task - 0.2 and task + 0.2
+    assert bars == {"adapted": [(-0.2, 1.0), (0.8, 1.2), (2.8, 0.8)], "weak": [(0.2, 0.5)]}
+    assert len({c.patches[0].get_facecolor() for c in ax.containers}) == 2          # one color per row
+    paper = [ln for ln in ax.get_lines() if ln.get_label() == "paper: D / A"]
+    assert len(paper) == 1 and paper[0].get_marker() == "D" and paper[0].get_color() == "black"
+    assert paper[0].get_xydata().tolist() == [[0, 0.75], [2, 1.5]]
+    levels = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines() if ln.get_label() != "paper: D / A"}
+    assert levels == {"parity (1.0)": [1.0, 1.0], "goal mean (0.9)": [0.9, 0.9]}
+    out = str(tmp_path / "ratios.png")
+    plot.main(["ratios", path, "--out", out])
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratio_series_reads_the_file(tmp_path):
+    tasks, rows, paper = plot.ratio_series(write_jsonl(tmp_path / "ratios.jsonl", RATIOS))
+    assert tasks == [("lambada", "acc"), ("piqa", "acc_norm"), ("rocstories", "rouge1"), ("wikitext", "token_perplexity")]
+    assert rows == {"adapted": {"lambada": 1.0, "piqa": 1.2, "wikitext": 0.8}, "weak": {"lambada": 0.5}}
+    assert paper == ("paper: D / A", {"rocstories": 1.5, "lambada": 0.75})
+
+
+@pytest.mark.parametrize("rows,text,line", [
+    ([{"task": "lambada", "ratio": 1.0}], "missing field 'row'", 1),
+    ([{"row": "a", "task": "lambada"}], "missing field 'ratio'", 1),
+    ([{"row": "a", "task": "lambada", "ratio": "high"}], "field 'ratio' is not a number", 1),
+    ([{"row": "a", "task": "lambada", "ratio": -1}], "field 'ratio' is negative", 1),
+    ([{"row": "a", "task": "lambada", "ratio": 1}, {"row": "a", "task": "lambada", "ratio": 2}],
+     "a second line for a on lambada", 2),
+    ([{"row": "a", "task": "lambada", "ratio": None}], "no line with a ratio", None),
+])
+def test_ratios_bad_input_is_one_line_and_exit_2(tmp_path, capsys, rows, text, line):
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(SystemExit) as e:
+        plot.main(["ratios", path, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert path in err and text in err and (line is None or f" line {line}:" in err)
+    assert not os.path.exists(tmp_path / "x.png")
