@@ -14,7 +14,8 @@
 # model answers, 800), N_PROMPTS (held-out benchmark problems at batch 8, 40), N_PROMPTS_B1
 # (the first of them at batch 1, 20), CONFIGS (the benchmark's diffusion configurations, each also with the
 # dual cache), STAGES (any of: ar sft distill certainty control bench plot; default all in that order),
-# DTYPE (of the training runs, bfloat16; the benchmark runs in float32).
+# BATCHES (the benchmark's batch sizes, "8 1"), DTYPE (of the training runs, bfloat16; the benchmark runs in
+# float32).
 # About 3.5 hours on 2 CPU cores at one thread a job (ar and sft side by side, then certainty and control;
 # the benchmark is about 40 minutes a model).
 set -euo pipefail
@@ -31,6 +32,7 @@ N_PROMPTS="${N_PROMPTS:-40}"
 N_PROMPTS_B1="${N_PROMPTS_B1:-20}"
 CONFIGS="${CONFIGS:-low_confidence,threshold0.9,threshold0.7,threshold0.5,factor1.0,eb0.5}"
 STAGES="${STAGES:-ar sft distill certainty control bench plot}"
+BATCHES="${BATCHES:-8 1}"
 DTYPE="${DTYPE:-bfloat16}"   # training; float32 on a CPU without native bf16 (AVX-512 BF16), where bf16 is slow
 mkdir -p "$OUT"
 
@@ -63,7 +65,7 @@ stage control python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --out_dir
 if has bench; then
   DUAL=$(echo "$CONFIGS" | tr ',' '\n' | sed 's/$/+dual/' | paste -sd, -)
   for M in sft certainty control; do
-    for B in 8 1; do
+    for B in $BATCHES; do
       N=$([ "$B" = 1 ] && echo "$N_PROMPTS_B1" || echo "$N_PROMPTS")
       OMP_NUM_THREADS=1 python bench/bench_samplers.py --model_name "$OUT/$M" --ar_model "$OUT/ar" --prompts "$EVAL" \
         --n_prompts "$N" --batch_sizes "$B" --clock cpu --configs "ar_greedy,$CONFIGS,$DUAL" \
@@ -71,4 +73,6 @@ if has bench; then
     done
   done
 fi
-stage plot python bench/plot.py accuracy "$OUT"/bench_{sft,certainty,control}_b{8,1}.jsonl --out "$OUT/accuracy_speed.png"
+RESULTS=()
+for M in sft certainty control; do for B in $BATCHES; do RESULTS+=("$OUT/bench_${M}_b$B.jsonl"); done; done
+stage plot python bench/plot.py accuracy "${RESULTS[@]}" --out "$OUT/accuracy_speed.png"
