@@ -1,8 +1,8 @@
 """
 What the scripts share that is neither the model nor the run loop: the command-line parser (one-line errors,
 defaults in --help, range types), checks on the files they read and write (safetensors headers, model
-folders), task records (JSON, JSONL, CSV, TXT), the answer checker and the built-in tasks
-(synthetic_arith, synthetic_sort). No torch and no lm_eval here, so
+folders), task records (JSON, JSONL, CSV, TXT), the answer checker, the statistics the evaluation and the
+benchmarks report, prompt templates and the built-in tasks (synthetic_arith, synthetic_sort). No torch and no lm_eval here, so
 every script can import it, moe_convert.py included.
 
     from common import Parser, at_least, read_records, is_correct
@@ -208,6 +208,30 @@ def field(r, *names, path="", i=0):
 
 
 # -----------------------------------------------------------------------------
+# statistics: what the evaluation reports and the tables built from it
+
+def mean_stderr(values):
+    """Mean and its standard error (sample standard deviation / sqrt(n), as lm-eval reports it)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def binomial_se(p, n):
+    """The standard error sqrt(p (1 - p) / n) of an accuracy p on n problems (the benchmarks' tables)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def perplexities(loglik, tokens, words, n_bytes):
+    """exp of the mean negative log-likelihood per token and per word, and bits per UTF-8 byte."""
+    return {"token_perplexity": math.exp(-loglik / tokens), "word_perplexity": math.exp(-loglik / words),
+            "bits_per_byte": -loglik / (n_bytes * math.log(2))}
+
+
+# -----------------------------------------------------------------------------
 # answers
 
 def gsm8k_number(text):
@@ -237,6 +261,14 @@ def is_correct(prediction, reference):
 # built-in tasks: train_sft.py --data synthetic_arith / synthetic_sort, bench/bench_samplers.py --prompts
 
 PROMPT = "Question: {}\nAnswer:"   # the prompt of a question/answer pair: SFT, the gsm8k task, the benchmarks
+
+
+def in_template(template, tok, question):
+    """A question in a prompt template: a format string with {}, or "chat" (one user turn of the tokenizer's chat
+    template, with the generation prompt)."""
+    if template == "chat":
+        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return template.format(question)
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill", "Kim", "Leo", "Mia", "Nat", "Omar", "Pia")
 THINGS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles", "eggs", "cups")

@@ -23,7 +23,6 @@ From Python, the lm-eval model "dlm" is registered on import:
     lm_eval.simple_evaluate(model="dlm", model_args="model_name=out/adapt,mc_num=64,sampler=threshold", tasks=[...])
 """
 import json
-import math
 import os
 import re
 import sys
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention_patch import resolve_attn_implementation
-from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, normalize_answer,
-                    read_records)
+from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, mean_stderr,
+                    normalize_answer, perplexities, read_records)
 from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, cache_keyword,
                    cpu_thread_hint, cut_at_eos, default_device, default_dtype, elbo_draws, hub_failure, layout_rows,
                    load_tokenizer, max_positions, pad_token_id, positions_from_mask, resolve_model_path, sample,
@@ -235,12 +234,6 @@ def rolling_windows(ids, start, window, stride):
     return out
 
 
-def perplexities(loglik, tokens, words, n_bytes):
-    """exp of the mean negative log-likelihood per token and per word, and bits per UTF-8 byte."""
-    return {"token_perplexity": math.exp(-loglik / tokens), "word_perplexity": math.exp(-loglik / words),
-            "bits_per_byte": -loglik / (n_bytes * math.log(2))}
-
-
 # -----------------------------------------------------------------------------
 # metrics
 
@@ -275,16 +268,6 @@ def rouge_l(pred, ref):
         return 0.0
     prec, rec = lcs / len(a), lcs / len(b)
     return 2 * prec * rec / (prec + rec)
-
-
-def mean_stderr(values):
-    """Mean and its standard error (sample standard deviation / sqrt(n), as lm-eval reports it)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import torch
 
-from common import Parser, at_least, check_output_file, first_line
+from common import Parser, at_least, check_output_file, first_line, in_template
 from model import (DTYPES, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, build_inputs, cpu_thread_hint,
                    default_device, default_dtype, max_positions, sample)
 
@@ -75,11 +75,11 @@ def apply_template(model_config, tok, prompts, raw):
     template = getattr(model_config, "prompt_template", None)
     if raw or not template or not prompts or None in prompts:
         return prompts
+    wrap = lambda p: in_template(template, tok, p)
     if template == "chat":
-        wrap = lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         fixed = wrap("").split("\n")[-1] if tok.chat_template else ""
     else:
-        wrap, fixed = template.format, template.split("{}")[-1]
+        fixed = template.split("{}")[-1]
     if all(fixed.strip() and p.rstrip().endswith(fixed.strip()) for p in prompts):   # already in the template
         return prompts
     print(f"{PROG}: the prompts go in the model's prompt template {template!r} (--raw_prompt to give them as they are)",

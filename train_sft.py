@@ -65,8 +65,8 @@ import torch
 import torch.nn.functional as F
 
 import trainer
-from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, check_output_file, field, is_correct,
-                    read_records, real, synthetic)
+from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, check_output_file, field, in_template,
+                    is_correct, read_records, real, synthetic)
 from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, block_inputs,
                    check_sampler_settings, cut_at_eos, default_device, diffusion_loss, layout_rows, load_tokenizer,
                    maskable_positions, merge_adapter, noise_draw, quiet_peft, resolve_model_path, sample, semi_ar_draw,
@@ -186,8 +186,7 @@ def render(tok, rec, path, i, chat_template):
     if chat_template:
         if not getattr(tok, "chat_template", None):
             die("--chat_template: the tokenizer has no chat template")
-        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                       add_generation_prompt=True), answer
+        return in_template("chat", tok, question), answer
     return PROMPT.format(question), " " + answer
 
 

@@ -42,8 +42,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
-from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, field, first_line, is_correct,  # noqa: E402
-                    read_records, synthetic)
+from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, binomial_se, field, first_line,  # noqa: E402
+                    in_template, is_correct, read_records, synthetic)
 from model import (DTYPES, SamplerSettings, add_sampler_args, build_inputs, cut_at_eos, default_device,  # noqa: E402
                    default_dtype, sample)
 
@@ -138,11 +138,7 @@ def task_prompts(task, n, data_dir, config, tok):
         except DataError as e:
             raise ValueError(f"--prompts {e}") from None
     template = getattr(config, "prompt_template", None) or PROMPT
-    if template == "chat":
-        wrap = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-    else:
-        wrap = template.format
-    return [wrap(r["instruction"]) for r in problems], [r["output"] for r in problems]
+    return [in_template(template, tok, r["instruction"]) for r in problems], [r["output"] for r in problems]
 
 
 def answer_length(ids, eos):
@@ -310,7 +306,7 @@ def read_results(path, setting, error):
 
 def table_row(name, bs, tps, fpt, ppl, ent, right, n=None):
     """A markdown row; the accuracy's standard error sqrt(p (1 - p) / n) when n is given."""
-    se = "" if n is None or right is None else f" ± {math.sqrt(right * (1 - right) / n):.3f}"
+    se = "" if n is None or right is None else f" ± {binomial_se(right, n):.3f}"
     return (f"| {name} | {bs} | {tps:.2f} | {1 / fpt if fpt else float('inf'):.2f} | {ppl:.1f} | {ent:.2f} |"
             + ("" if right is None else f" {right:.3f}{se} |"))
 

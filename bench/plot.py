@@ -45,7 +45,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import DataError, check_output_file, first_line  # noqa: E402
+from common import DataError, binomial_se, check_output_file, first_line  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def accuracy_series(paths):
             if not 0 <= acc <= 1 or n < 1:
                 raise DataError(f"{path} line {i}: accuracy {acc:g} on {n:g} prompts is not a share of prompts")
             model = (r.get("ar_model") or "AR parent") if name.startswith("ar_") else str(r.get("model_name", "?"))
-            panels.setdefault(int(bs), []).append((model, name, tps, acc, (acc * (1 - acc) / n) ** 0.5))
+            panels.setdefault(int(bs), []).append((model, name, tps, acc, binomial_se(acc, n)))
     if not panels:
         raise DataError(f"{', '.join(paths)}: no rows with an accuracy (bench_samplers.py --prompts <task> --results)")
     return dict(sorted(panels.items()))

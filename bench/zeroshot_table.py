@@ -42,7 +42,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import DataError, Parser, check_output_file, first_line, real, at_least  # noqa: E402
+from common import DataError, Parser, at_least, check_output_file, first_line, mean_stderr, perplexities, real  # noqa: E402
 
 PROG = "zeroshot_table.py"
 
@@ -120,15 +120,6 @@ def example_value(r, metric):
     return float(r[metric]) if is_number(r.get(metric)) else None
 
 
-def mean_stderr(values):
-    """Mean and standard error (sample standard deviation / sqrt(n)), as eval_zeroshot.py reports them."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def first_n(res, task, metric, n):
     """(value, se) of `metric` on the first n examples of `task` from the file's per-example records, or None
     when it has none for them."""
@@ -139,10 +130,8 @@ def first_n(res, task, metric, n):
             if not all(isinstance(r, dict) and all(is_number(r.get(k)) for k in ("loglik", "tokens", "words", "bytes"))
                        for r in recs):
                 return None
-            ll = sum(r["loglik"] for r in recs)
-            return {"token_perplexity": math.exp(-ll / sum(r["tokens"] for r in recs)),
-                    "word_perplexity": math.exp(-ll / sum(r["words"] for r in recs)),
-                    "bits_per_byte": -ll / (sum(r["bytes"] for r in recs) * math.log(2))}[metric], None
+            sums = [sum(r[k] for r in recs) for k in ("loglik", "tokens", "words", "bytes")]
+            return perplexities(*sums)[metric], None
         vals = [example_value(r, metric) for r in recs]
         if vals and None not in vals:
             return mean_stderr(vals)
