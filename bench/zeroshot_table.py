@@ -24,6 +24,8 @@ its ratio to the AR figure (diffusion / AR; for perplexities AR / diffusion, so 
   its ratio is a lower bound of the true one). Bold in the table.
 - Goal (--goal_mean, --goal_tasks, --lambada_parity): the mean of a row's headline ratios >= 0.9, a ratio
   >= 1 on at least two tasks, and LAMBADA's ratio >= 1.0; each row says whether it meets it and, if not, why.
+- A row may join several files (LABEL=A.json,B.json): one model's tasks run as parallel jobs, each with its own
+  --output; a task in two of them is an error.
 - --paper FILE: the ratios DiffuGPT-S / GPT2-S of the DiffuLLaMA paper's Table 1 (bench/results/paper_table1.json
   holds the raw numbers and their source) in an extra column, with the same summary. The ratios are computed
   here from the raw numbers; --write_paper_ratios writes them into the file (it refuses a file whose stored
@@ -150,14 +152,32 @@ def first_n(res, task, metric, n):
 
 
 def parse_row(spec):
-    """ "label=FILE" (or FILE alone: its name is the label) -> (label, path)."""
+    """ "label=FILE" or "label=FILE1,FILE2,..." (or FILE alone: its name is the label) -> (label, [paths])."""
     if "=" in spec and not os.path.isfile(spec):
         label, path = spec.split("=", 1)
     else:
         label, path = os.path.splitext(os.path.basename(spec))[0], spec
-    if not label.strip() or not path:
-        raise DataError(f"--rows {spec!r}: expected LABEL=FILE")
-    return label.strip(), path
+    paths = [q for q in path.split(",")] if not os.path.isfile(path) else [path]
+    if not label.strip() or not all(paths):
+        raise DataError(f"--rows {spec!r}: expected LABEL=FILE or LABEL=FILE1,FILE2")
+    return label.strip(), paths
+
+
+def read_row(paths):
+    """One row from one or more results files with different tasks (one model's suite split over jobs): their
+    metrics, counts and records together; the settings of the first, the limit the largest."""
+    res = read_results(paths[0])
+    for path in paths[1:]:
+        more = read_results(path)
+        both = sorted(set(res["metrics"]) & set(more["metrics"]))
+        if both:
+            raise DataError(f"{path}: {', '.join(both)} also in {', '.join(res['path'].split(' + '))} (one file per task in a row)")
+        for key in ("metrics", "n", "data", "examples", "compact"):
+            res[key].update({t: v for t, v in more[key].items() if t in more["metrics"]})
+        res["path"] += " + " + path
+        limits = [x["settings"].get("limit") for x in (res, more)]
+        res["settings"] = dict(res["settings"], limit=max(limits) if None not in limits else None)
+    return res
 
 
 def read_paper(path):
@@ -414,7 +434,8 @@ def parse_args(argv=None):
     p = Parser(prog=PROG, description=__doc__.strip())
     p.add_argument("--ar", default=None, help="eval_zeroshot.py --ar --output file of the AR parent")
     p.add_argument("--rows", nargs="+", default=None, metavar="LABEL=FILE",
-                   help="diffusion rows: eval_zeroshot.py --output files, each LABEL=FILE (or FILE: its name is the label)")
+                   help="diffusion rows: eval_zeroshot.py --output files, each LABEL=FILE (or FILE: its name is the label); "
+                   "LABEL=FILE1,FILE2 joins the files of one model's tasks split over several jobs")
     p.add_argument("--paper", default=None, help="the paper's Table 1 numbers (bench/results/paper_table1.json): "
                    "its ratios DiffuGPT-S / GPT2-S in an extra column")
     p.add_argument("--write_paper_ratios", action="store_true",
@@ -455,11 +476,11 @@ def main(argv=None):
         ar = read_results(args.ar)
         rows, seen = [], set()
         for spec in args.rows or []:
-            label, path = parse_row(spec)
+            label, paths = parse_row(spec)
             if label in seen:
                 raise DataError(f"--rows: the label {label!r} is given twice")
             seen.add(label)
-            rows.append((label, read_results(path)))
+            rows.append((label, read_row(paths)))
         cells, head = build(ar, rows)
     except DataError as e:
         args.error(first_line(e))

@@ -121,6 +121,26 @@ def test_ar_figure_recomputed_on_the_rows_first_n(tmp_path, capsys):
     assert out["summary"]["r"]["ratios"] == {"lambada": 0.5, "piqa": None} and out["summary"]["r"]["mean"] == 0.5
 
 
+def test_a_row_split_over_files_equals_the_row_in_one(tmp_path, capsys):
+    # one model's suite run as two jobs: lambada + piqa in one file, winogrande + wikitext in the other
+    one, _ = run(tmp_path, capsys, rows=[("adapted", ADAPTED)])
+    halves = [{"settings": dict(ADAPTED["settings"], limit=lim),
+               "metrics": {t: ADAPTED["metrics"][t] for t in tasks}} for tasks, lim in ((("lambada", "piqa"), 2),
+                                                                                         (("winogrande", "wikitext"), 4))]
+    argv = ["--ar", write(tmp_path, "ar.json", AR), "--rows",
+            f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"]
+    two = zt.main(argv)
+    text = capsys.readouterr().out
+    assert two["cells"] == {k: v for k, v in one["cells"].items()} and two["summary"] == one["summary"]
+    assert "a1.json + " in text and "a2.json" in text and "--limit 4" in text
+    halves[1]["metrics"]["piqa"] = ADAPTED["metrics"]["piqa"]       # a task in both files
+    argv[-1] = f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"
+    with pytest.raises(SystemExit) as e:
+        zt.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "a2.json: piqa also in" in err
+
+
 def test_without_per_example_records_the_stated_figure_is_flagged(tmp_path, capsys):
     bare = {k: v for k, v in AR.items() if k != "examples"}
     out, text = run(tmp_path, capsys, ar=bare, rows=[("adapted", ADAPTED)])
