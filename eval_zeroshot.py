@@ -38,7 +38,7 @@ from tqdm import tqdm
 from attention_patch import resolve_attn_implementation
 from common import (DataError, Parser, at_least, check_output_file, field, first_line, gsm8k_number, mean_stderr,
                     normalize_answer, perplexities, read_records)
-from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, cache_keyword,
+from model import (DTYPES, ELBO_METHODS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, ar_parent, cache_keyword,
                    cpu_thread_hint, cut_at_eos, default_device, default_dtype, elbo_draws, hub_failure, layout_rows,
                    load_tokenizer, max_positions, pad_token_id, positions_from_mask, resolve_model_path, sample,
                    start_token_id)
@@ -272,38 +272,6 @@ def rouge_l(pred, ref):
 
 # -----------------------------------------------------------------------------
 # the scorer: one model, diffusion (ELBO, the samplers) or AR (exact log-likelihood, greedy decoding)
-
-def ar_parent(model_name, base_model_name=None, _depth=0):
-    """The AR model a diffusion checkpoint came from: `adapted_from` in its config, else --base_model_name
-    (a DiffuGPT checkpoint's GPT-2), else `model_name` in the args.json of the run folder around it, else
-    the model itself; a causal LM marked so in its config (train_sft.py --ar) is its own. A parent that is
-    itself a diffusion checkpoint (a train_sft.py run started from a train_adapt.py checkpoint) is followed to
-    its own parent."""
-    try:
-        path = resolve_model_path(model_name)
-    except FileNotFoundError as e:
-        raise DataError(str(e))
-
-    def entry(file, key):
-        if not os.path.isfile(file):
-            return None
-        with open(file) as f:
-            return json.load(f).get(key)
-
-    if os.path.isdir(path):
-        if entry(os.path.join(path, "config.json"), "is_causal") is True:   # a causal LM fine-tuned by train_sft.py --ar
-            return path
-        run_dir = os.path.dirname(os.path.abspath(path))
-        parent = (entry(os.path.join(path, "config.json"), "adapted_from") or base_model_name
-                  or entry(os.path.join(run_dir, "args.json"), "model_name")
-                  or entry(os.path.join(path, "args.json"), "model_name"))
-        if parent and parent != model_name and _depth < 8 and os.path.isdir(parent) \
-                and entry(os.path.join(parent, "config.json"), "is_causal") is False:
-            return ar_parent(parent, None, _depth + 1)
-        if parent:
-            return parent
-    return model_name
-
 
 class Scorer:
     """Scores (context, continuation) pairs and generates spans, with a diffusion LM or a causal LM (ar=True),

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import at_least, check_model_folder, first_line, one_of, real
+from common import DataError, at_least, check_model_folder, first_line, one_of, real
 from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, group_rank_size, make_bidirectional,
                              resolve_attn_implementation)
 
@@ -110,6 +110,38 @@ def resolve_model_path(name, flag="--model_name"):
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0])):
         raise FileNotFoundError(f"{flag} {name}: no such model folder")
     return name  # a hub id: transformers fetches it (or says why not)
+
+
+def ar_parent(model_name, base_model_name=None, _depth=0):
+    """The AR model a diffusion checkpoint came from: `adapted_from` in its config, else --base_model_name
+    (a DiffuGPT checkpoint's GPT-2), else `model_name` in the args.json of the run folder around it, else
+    the model itself; a causal LM marked so in its config (train_sft.py --ar) is its own. A parent that is
+    itself a diffusion checkpoint (a train_sft.py run started from a train_adapt.py checkpoint) is followed to
+    its own parent."""
+    try:
+        path = resolve_model_path(model_name)
+    except FileNotFoundError as e:
+        raise DataError(str(e))
+
+    def entry(file, key):
+        if not os.path.isfile(file):
+            return None
+        with open(file) as f:
+            return json.load(f).get(key)
+
+    if os.path.isdir(path):
+        if entry(os.path.join(path, "config.json"), "is_causal") is True:   # a causal LM fine-tuned by train_sft.py --ar
+            return path
+        run_dir = os.path.dirname(os.path.abspath(path))
+        parent = (entry(os.path.join(path, "config.json"), "adapted_from") or base_model_name
+                  or entry(os.path.join(run_dir, "args.json"), "model_name")
+                  or entry(os.path.join(path, "args.json"), "model_name"))
+        if parent and parent != model_name and _depth < 8 and os.path.isdir(parent) \
+                and entry(os.path.join(parent, "config.json"), "is_causal") is False:
+            return ar_parent(parent, None, _depth + 1)
+        if parent:
+            return parent
+    return model_name
 
 
 def hub_failure(name, e, flag="--model_name"):

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 import trainer
 from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, check_output_file, field, in_template,
                     is_correct, read_records, real, synthetic)
-from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, block_inputs,
+from model import (SAMPLING_EPS, DiscreteDiffusionModel, SamplerSettings, add_sampler_args, ar_parent, block_inputs,
                    check_sampler_settings, cut_at_eos, default_device, diffusion_loss, layout_rows, load_tokenizer,
                    maskable_positions, merge_adapter, noise_draw, quiet_peft, resolve_model_path, sample, semi_ar_draw,
                    start_token_id)
@@ -336,7 +336,7 @@ def load_causal_lm(args, run, tok, from_checkpoint=True):
     path = run.ckpt if run.ckpt is not None and from_checkpoint else resolve_model_path(args.model_name)
     if getattr(AutoConfig.from_pretrained(path), "is_causal", True) is False:
         die(f"--ar fine-tunes the AR parent: --model_name {args.model_name} is a diffusion checkpoint; give the "
-            f"causal LM it was adapted from")
+            f"causal LM it was adapted from ({ar_parent(args.model_name)})")
     try:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=run.weight_dtype, attn_implementation=run.attn)
     except (OSError, ValueError) as e:

@@ -6,9 +6,11 @@
 #
 #   bash launch/parallel_decoding.sh                                   # synthetic_sort, the embedded SmolLM2-135M
 #   MODEL=out/adapt/final OUT=out/pd STEPS=1000 bash launch/parallel_decoding.sh    # an adapted checkpoint
+#                                      (its AR-SFT baseline fine-tunes the AR model it was adapted from)
 #   STAGES="bench plot" bash launch/parallel_decoding.sh               # only some stages (the runs exist)
 #
-# Environment (all optional): MODEL (default smollm2-135m), TASK (synthetic_sort; a built-in task or an
+# Environment (all optional): MODEL (default smollm2-135m), AR_MODEL (the AR-SFT baseline's start: default the AR
+# parent of MODEL, MODEL itself when it is a causal LM), TASK (synthetic_sort; a built-in task or an
 # {"instruction", "output"} file with EVAL its test file), OUT (out/parallel_decoding), STEPS (SFT steps of
 # both baselines, 360), CERT_STEPS (certainty and control steps, 200), DISTILL_N (training prompts the SFT
 # model answers, 800), N_PROMPTS (held-out benchmark problems at batch 8, 40), N_PROMPTS_B1
@@ -22,6 +24,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODEL="${MODEL:-smollm2-135m}"
+AR_MODEL="${AR_MODEL:-$(python -c '
+import sys
+from common import DataError
+from model import ar_parent
+try:
+    print(ar_parent(sys.argv[1]))
+except DataError as e:
+    sys.exit("parallel_decoding.sh: MODEL " + str(e).replace("--model_name ", ""))' "$MODEL")}"
 TASK="${TASK:-synthetic_sort}"
 EVAL="${EVAL:-$TASK}"
 OUT="${OUT:-out/parallel_decoding}"
@@ -41,8 +51,8 @@ COMMON=(--data "$TASK" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --sy
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { if has "$1"; then shift; "$@"; fi; }   # stage NAME command...: run it if NAME is in STAGES
 
-# the two baselines at the same budget: the AR parent as a causal LM, and diffusion SFT of the same model
-stage ar python train_sft.py --model_name "$MODEL" --ar "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
+# the two baselines at the same budget: the AR parent as a causal LM, and diffusion SFT of MODEL
+stage ar python train_sft.py --model_name "$AR_MODEL" --ar "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
   --save_every 120 --out_dir "$OUT/ar"
 stage sft python train_sft.py --model_name "$MODEL" "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
   --save_every 120 --out_dir "$OUT/sft"

@@ -1,4 +1,5 @@
-"""launch/parallel_decoding.sh: every stage of the recipe runs and hands its output to the next, on a tiny model."""
+"""launch/parallel_decoding.sh: every stage of the recipe runs and hands its output to the next, on a tiny model;
+from a diffusion checkpoint its AR-SFT baseline starts from the AR parent."""
 import json
 import os
 import subprocess
@@ -42,3 +43,18 @@ def test_parallel_decoding_recipe_runs(tmp_path):
                        and row["ar_model"] == str(out / "ar") for row in rows)
     assert (out / "accuracy_speed.png").stat().st_size > 0
     assert not (out / "bench_sft_b1.jsonl").exists()           # BATCHES="8": batch 8 only
+
+
+def test_from_a_diffusion_checkpoint_the_ar_baseline_is_its_parent(tmp_path):
+    from model import DiscreteDiffusionModel
+    data = tmp_path / "toy.json"
+    data.write_text(json.dumps(TOY))
+    ar = save_tiny_ar(tmp_path / "tiny")
+    DiscreteDiffusionModel.from_pretrained(ar).save_pretrained(tmp_path / "dlm")
+    out = tmp_path / "pd"
+    env = dict(subprocess_env(), MODEL=str(tmp_path / "dlm"), TASK=str(data), EVAL=str(data), OUT=str(out), STEPS="1")
+    r = run_stages(env, "ar")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "ar" / "args.json").read_text())["model_name"] == os.path.abspath(ar)
+    r = run_stages(dict(env, MODEL=str(tmp_path / "none")), "ar")
+    assert r.returncode != 0 and r.stderr.strip() == f"parallel_decoding.sh: MODEL {tmp_path / 'none'}: no such model folder"
