@@ -288,7 +288,7 @@ def test_flag_errors(tmp_path, capsys):
 
 
 def test_committed_results_files(capsys):
-    """The AR parent (500 a task, the first 50 per example) beside the untrained model (first 50 of five tasks):
+    """The AR parent (500 a task, per example) beside the untrained model (first 50 of five tasks):
     the figures of bench/RESULTS.md's zero-shot table."""
     out = zt.main(["--ar", os.path.join(RESULTS, "zeroshot_ar.json"),
                    "--rows", "untrained=" + os.path.join(RESULTS, "zeroshot_untrained.json")])
