@@ -157,7 +157,7 @@ def parse_row(spec):
         label, path = spec.split("=", 1)
     else:
         label, path = os.path.splitext(os.path.basename(spec))[0], spec
-    paths = [q for q in path.split(",")] if not os.path.isfile(path) else [path]
+    paths = [path] if os.path.isfile(path) else path.split(",")
     if not label.strip() or not all(paths):
         raise DataError(f"--rows {spec!r}: expected LABEL=FILE or LABEL=FILE1,FILE2")
     return label.strip(), paths
@@ -167,11 +167,11 @@ def read_row(paths):
     """One row from one or more results files with different tasks (one model's suite split over jobs): their
     metrics, counts and records together; the settings of the first, the limit the largest."""
     res = read_results(paths[0])
-    for path in paths[1:]:
+    for i, path in enumerate(paths[1:], 1):
         more = read_results(path)
         both = sorted(set(res["metrics"]) & set(more["metrics"]))
         if both:
-            raise DataError(f"{path}: {', '.join(both)} also in {', '.join(res['path'].split(' + '))} (one file per task in a row)")
+            raise DataError(f"{path}: {', '.join(both)} also in {', '.join(paths[:i])} (one file per task in a row)")
         for key in ("metrics", "n", "data", "examples", "compact"):
             res[key].update({t: v for t, v in more[key].items() if t in more["metrics"]})
         res["path"] += " + " + path
