@@ -113,6 +113,7 @@ def build_parser():
       "so every response token is supervised in every step")
     a("--distill", default=None, metavar="FILE", help="self-distillation, no training: answer the --data prompts with "
       "--model_name and the sampler flags, and write the answers the checker accepts to FILE (a new --data file)")
+    a("--distill_n", type=at_least(0), default=0, help="--distill: answer the first N --data prompts (0 = all)")
     a("--semi_ar_block", type=at_least(1), default=None, help="semi-autoregressive masks (dParallel): the response "
       "in blocks of this many tokens, one current block per row partly masked, the ones before it clean, after it masked")
     a("--ar", action="store_true", help="the AR baseline: fine-tune --model_name (a causal LM, the AR parent) as a causal "
@@ -137,6 +138,8 @@ def check_sft_args(args):
         check_sampler_settings(eval_settings(args, gen_len=1))
     except ValueError as e:
         flag_error(str(e))
+    if args.distill_n and not args.distill:
+        flag_error("--distill_n needs --distill")
     if args.sampler == "block" and args.block_size is None:
         flag_error("--sampler block evaluates block-diffusion models: it needs --block_size")
     if args.sp_size > 1 and args.block_size:
@@ -403,6 +406,7 @@ def distill(args):
         die(trainer.model_error(args, e))
     raw.eval()
     records, path = read_pairs(args.data, "--data", args.synthetic_n, "train")
+    records = records[:args.distill_n or len(records)]
     examples = encode_pairs(raw.tokenizer, records, path, args, "--data")
     gen_len = args.eval_gen_len or max(len(r) for _, r, _ in examples) + 1
     preds = answer(raw, examples, eval_settings(args, gen_len), gen_len, args.eval_batch_size, progress=True)

@@ -22,7 +22,7 @@ fine-tuned on the task (train_sft.py). Every sampler stops at EOS; the answers a
 (default: the longest reference plus EOS), the diffusion samplers run one block of that length (or
 --block_length blocks) with one step per token at most; tokens/s and tokens per forward count each
 answer's tokens up to and including its EOS. The table adds the accuracy (common.is_correct) with its
-standard error. --ar_model is the model of the ar_* rows (the AR-SFT parent, train_sft.py --ar):
+standard error; --answers FILE.jsonl keeps every answer and whether it is right. --ar_model is the model of the ar_* rows (the AR-SFT parent, train_sft.py --ar):
 
     python bench/bench_samplers.py --model_name out/sft/final --ar_model out/sft_ar/final --prompts synthetic_sort \
         --n_prompts 100 --configs ar_greedy,low_confidence,threshold0.9,threshold0.9+dual,eb1+dual
@@ -176,6 +176,9 @@ def main(argv=None):
     p.add_argument("--results", default=None,
                    help="FILE.jsonl: append each finished row; rows already there for the same model, prompts, "
                         "lengths, seed, device, dtype, clock and threads are not run again (a long table in several runs)")
+    p.add_argument("--answers", default=None,
+                   help="FILE.jsonl (task prompts): append each finished row's answers and whether each is right, "
+                        "one line per configuration and batch size")
     add_sampler_args(p)
     args = p.parse_args(argv)
     try:
@@ -184,8 +187,12 @@ def main(argv=None):
         p.error(str(e))
     if args.prompts not in ("corpus", *TASKS) and not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts}: not corpus, {', '.join(TASKS)} or a file of records")
-    if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
-        p.error(f"--results {args.results}: its folder does not exist")
+    for flag in ("results", "answers"):
+        path = getattr(args, flag)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"--{flag} {path}: its folder does not exist")
+    if args.answers and args.prompts == "corpus":
+        p.error("--answers: only with task prompts (--prompts synthetic_*, gsm8k or a file), which have references")
     for f in ("wiki_demo.txt", "c4_demo.json") if args.prompts == "corpus" else ():
         if not os.path.isfile(os.path.join(args.data_dir, f)):
             p.error(f"--data_dir {args.data_dir}: no {f}")
@@ -211,7 +218,7 @@ def main(argv=None):
     eos = tok.eos_token_id
     gen_len = args.gen_len or (max(len(tok.encode(" " + r, add_special_tokens=False)) for r in refs) + 1 if task else 256)
     setting = dict(model_name=args.model_name, ar_model=args.ar_model, prompts=args.prompts, n_prompts=len(prompts),
-                   gen_len=gen_len, seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock,
+                   gen_len=gen_len, block_length=args.block_length, seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock,
                    threads=torch.get_num_threads())
     done = read_results(args.results, setting, p.error) if args.results else {}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -264,13 +271,18 @@ def main(argv=None):
                 gens = [g[:answer_length(g, eos)] for g in gens]
             n_tok = sum(map(len, gens))
             # forwards per token of one row: each forward of a batch serves each of its rows
+            texts, right = judge(tok, gens, refs) if task else (None, None)
             rows.append((name, bs, n_tok / secs, row_forwards / max(n_tok, 1),
                          gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens),
-                         None if refs is None else accuracy(tok, gens, refs)))
+                         None if refs is None else sum(right) / len(refs)))
             print(table_row(*rows[-1], n=len(prompts)), file=sys.stderr, flush=True)   # each row as it is done: a long run cut short keeps them
             if args.results:
                 with open(args.results, "a", encoding="utf-8") as f:
                     f.write(json.dumps({**setting, **dict(zip(RESULT_FIELDS, rows[-1]))}) + "\n")
+            if args.answers:
+                with open(args.answers, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({**setting, "config": name, "batch": bs, "answers": texts,
+                                        "correct": right}) + "\n")
     print(f"\n{args.model_name}" + (f" (ar_*: {args.ar_model})" if args.ar_model else "") +
           f", {len(prompts)} prompts ({args.prompts}), {gen_len} new tokens at most, {args.device} "
           f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")
@@ -311,11 +323,12 @@ def table_row(name, bs, tps, fpt, ppl, ent, right, n=None):
             + ("" if right is None else f" {right:.3f}{se} |"))
 
 
-def accuracy(tok, gens, refs):
-    """The share of generations (token ids, cut at EOS) whose answer is right (common.is_correct)."""
+def judge(tok, gens, refs):
+    """The generations (token ids, cut at EOS) as text, and whether each answer is right (common.is_correct)."""
     eos = tok.eos_token_id
     texts = [tok.decode(cut_at_eos(g, eos), skip_special_tokens=True) for g in gens]
-    return sum(is_correct(t, r) for t, r in zip(texts, refs)) / len(refs)
+    return texts, [is_correct(t, r) for t, r in zip(texts, refs)]
+
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #   MODEL=out/adapt/final OUT=out/pd STEPS=1000 bash launch/parallel_decoding.sh    # an adapted checkpoint
 #                                      (its AR-SFT baseline fine-tunes the AR model it was adapted from)
 #   STAGES="bench plot" bash launch/parallel_decoding.sh               # only some stages (the runs exist)
+#   MODEL=out/adapt/final TASK=../shared/data/gsm8k_train.json EVAL=../shared/data/gsm8k_test.json SEQ_LEN=320 \
+#     EVAL_N=0 STEPS=2000 N_PROMPTS=500 GEN_LEN=128 BLOCK=32 bash launch/parallel_decoding.sh   # GSM8K (a GPU's job)
 #
 # Environment (all optional): MODEL (default smollm2-135m), AR_MODEL (the AR-SFT baseline's start: default the AR
 # parent of MODEL, MODEL itself when it is a causal LM), TASK (synthetic_sort; a built-in task or an
@@ -17,7 +19,9 @@
 # (the first of them at batch 1, 20), CONFIGS (the benchmark's diffusion configurations, each also with the
 # dual cache), STAGES (any of: ar sft distill certainty control bench plot; default all in that order),
 # BATCHES (the benchmark's batch sizes, "8 1"), DTYPE (of the training runs, bfloat16; the benchmark runs in
-# float32).
+# float32), SEQ_LEN (the longest training sequence, 128; GSM8K needs 320), EVAL_N (test problems answered during
+# training, 40; 0 = none), GEN_LEN and BLOCK (the benchmark's longest answer, default the longest reference + 1,
+# and its block length, default one block).
 # About 3.5 hours on 2 CPU cores at one thread a job (ar and sft side by side, then certainty and control;
 # the benchmark is about 40 minutes a model).
 set -euo pipefail
@@ -44,10 +48,16 @@ CONFIGS="${CONFIGS:-low_confidence,threshold0.9,threshold0.7,threshold0.5,factor
 STAGES="${STAGES:-ar sft distill certainty control bench plot}"
 BATCHES="${BATCHES:-8 1}"
 DTYPE="${DTYPE:-bfloat16}"   # training; float32 on a CPU without native bf16 (AVX-512 BF16), where bf16 is slow
+SEQ_LEN="${SEQ_LEN:-128}"
+EVAL_N="${EVAL_N:-40}"
 mkdir -p "$OUT"
+# evaluation during training on the first EVAL_N test problems (none when 0: an answer costs a sampler call)
+EVALUATE=(); [ "$EVAL_N" != 0 ] && EVALUATE=(--eval_data "$EVAL" --eval_n "$EVAL_N" --eval_batch_size 40)
+# the benchmark's answer length and blocks, when set
+SAMPLING=(); [ -n "${GEN_LEN:-}" ] && SAMPLING+=(--gen_len "$GEN_LEN"); [ -n "${BLOCK:-}" ] && SAMPLING+=(--block_length "$BLOCK")
 
-COMMON=(--data "$TASK" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --synthetic_n 5000 --batch_size 8
-        --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len 128 --keep_last 1 --dtype "$DTYPE")
+COMMON=(--data "$TASK" "${EVALUATE[@]}" --synthetic_n 5000 --batch_size 8
+        --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len "$SEQ_LEN" --keep_last 1 --dtype "$DTYPE")
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { if has "$1"; then shift; "$@"; fi; }   # stage NAME command...: run it if NAME is in STAGES
 
@@ -58,28 +68,28 @@ stage sft python train_sft.py --model_name "$MODEL" "${COMMON[@]}" --max_steps "
   --save_every 120 --out_dir "$OUT/sft"
 
 # the SFT model's own answers to training prompts, kept where the checker accepts them
-stage distill python train_sft.py --model_name "$OUT/sft" --data "$TASK" --synthetic_n "$DISTILL_N" \
+stage distill python train_sft.py --model_name "$OUT/sft" --data "$TASK" --synthetic_n "$DISTILL_N" --distill_n "$DISTILL_N" \
   --sampler threshold --threshold 0.9 --distill "$OUT/distilled.json"
 
 # certainty fine-tuning on them (the entropy of the predictions already right, weight 2 at temperature 0.5),
 # and the same run without the certainty term: what the extra steps alone give
-CERT=(--data "$OUT/distilled.json" --eval_data "$EVAL" --eval_n 40 --eval_batch_size 40 --batch_size 8
-      --lr 1e-4 --min_lr 1e-5 --warmup_steps 10 --seq_len 128 --keep_last 1 --max_steps "$CERT_STEPS"
+CERT=(--data "$OUT/distilled.json" "${EVALUATE[@]}" --batch_size 8
+      --lr 1e-4 --min_lr 1e-5 --warmup_steps 10 --seq_len "$SEQ_LEN" --keep_last 1 --max_steps "$CERT_STEPS"
       --eval_every 100 --save_every 100 --dtype "$DTYPE")
 stage certainty python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --certainty_weight 2 --certainty_temp 0.5 \
   --out_dir "$OUT/certainty"
 stage control python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --out_dir "$OUT/control"
 
 # accuracy, tokens per forward and tokens/s on held-out problems, with and without the dual cache, at batch 8
-# (N_PROMPTS) and batch 1 (the first N_PROMPTS_B1); one thread, timed by process CPU time
+# (N_PROMPTS) and batch 1 (the first N_PROMPTS_B1); one thread, timed by process CPU time; every answer kept
 if has bench; then
   DUAL=$(echo "$CONFIGS" | tr ',' '\n' | sed 's/$/+dual/' | paste -sd, -)
   for M in sft certainty control; do
     for B in $BATCHES; do
       N=$([ "$B" = 1 ] && echo "$N_PROMPTS_B1" || echo "$N_PROMPTS")
       OMP_NUM_THREADS=1 python bench/bench_samplers.py --model_name "$OUT/$M" --ar_model "$OUT/ar" --prompts "$EVAL" \
-        --n_prompts "$N" --batch_sizes "$B" --clock cpu --configs "ar_greedy,$CONFIGS,$DUAL" \
-        --results "$OUT/bench_${M}_b$B.jsonl"
+        --n_prompts "$N" --batch_sizes "$B" --clock cpu --configs "ar_greedy,$CONFIGS,$DUAL" "${SAMPLING[@]}" \
+        --results "$OUT/bench_${M}_b$B.jsonl" --answers "$OUT/answers_${M}_b$B.jsonl"
     done
   done
 fi

@@ -1,4 +1,5 @@
 """bench/bench_samplers.py: its perplexity and entropy against hand computations, and a tiny end-to-end run."""
+import json
 import math
 import os
 import sys
@@ -134,7 +135,8 @@ def test_accuracy_by_hand():
             return "".join(self.words[i] for i in ids)
     gens = [[1, 2, 0, 3], [3, 0, 2], [4], [0, 2]]          # right; wrong (after EOS does not count); right; empty
     refs = ["<<2+3=5>> #### 5", "#### 5", "#### 1000", "#### 5"]
-    assert bs.accuracy(Tok(), gens, refs) == 0.5
+    texts, right = bs.judge(Tok(), gens, refs)
+    assert texts == [" <<2+3=5>> #### 5", " #### 7", " #### 1,000", ""] and right == [True, False, True, False]
 
 
 def test_synthetic_arith_prompts_add_accuracy(tmp_path, capsys):
@@ -168,7 +170,7 @@ def test_config_names():
         assert bs.config(bad) is None, bad
 
 
-def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch):
+def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch, capsys):
     """--prompts synthetic_sort: the samplers get stop_at_eos, one step a token at most and one block; tokens per
     forward and accuracy count each answer up to its EOS (here a stand-in sampler writes the reference + EOS with a
     known number of forwards)."""
@@ -195,8 +197,9 @@ def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch):
             out[b, cols] = torch.tensor(ans)
         return out
     monkeypatch.setattr(bs, "sample", fake)
+    answers = tmp_path / "answers.jsonl"
     rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--prompts", "synthetic_sort", "--n_prompts", "3",
-                    "--batch_sizes", "1", "--configs", "threshold0.7+dual", "--device", "cpu"])
+                    "--batch_sizes", "1", "--configs", "threshold0.7+dual", "--device", "cpu", "--answers", str(answers)])
     tok = DiscreteDiffusionModel.from_pretrained(tmp_path / "dlm").tokenizer
     n_ref = [len(tok.encode(" " + r, add_special_tokens=False)) + 1 for r in refs]     # with its EOS
     gen_len = max(n_ref)
@@ -205,6 +208,12 @@ def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch):
     assert asked == [("synthetic_sort", "test", 3)]
     assert rows[0][6] == 1.0                                   # every answer right
     assert rows[0][3] == pytest.approx(5 * 3 / sum(n_ref))     # forwards per token: 5 a prompt over its answer's tokens
+    line, = [json.loads(x) for x in answers.read_text().splitlines()]
+    assert (line["config"], line["batch"], line["correct"]) == ("threshold0.7+dual", 1, [True] * 3)
+    assert [a.strip() for a in line["answers"]] == refs
+    with pytest.raises(SystemExit):
+        bs.main(["--answers", str(answers)])                  # the corpus prompts have no references
+    assert "--answers: only with task prompts" in capsys.readouterr().err
 
 
 def test_answer_length():

@@ -281,6 +281,7 @@ def test_lora_adapter_save_load_merge_identical(setup):
     (["--lora_r", "4", "--modules_to_save", "embeddings"], r"--modules_to_save embeddings: no module named embeddings"),
     (["--lora_alpha", "16"], r"--lora_alpha needs --lora_r"),
     (["--merge_lora"], r"--merge_lora needs --lora_r"),
+    (["--distill_n", "3"], r"--distill_n needs --distill"),
     (["--seq_len", "4"], r"--data .*toy.json record 1: the prompt has \d+ tokens, --seq_len is 4"),
     (["--pad_to", "7"], r"--data .*toy.json record 1: prompt \+ response \+ EOS = \d+ tokens, more than --pad_to 7"),
     (["--sampler", "block"], r"--sampler block .* needs --block_size"),
@@ -540,6 +541,9 @@ def test_self_distillation_keeps_what_the_checker_accepts_and_trains(setup, tmp_
     assert all(r["output"].split() == TOY[i]["output"].split() for r, i in zip(written, (0, 2, 3, 5)))
     with pytest.raises(SystemExit, match="exists: choose a new file"):
         train_sft.main(["--model_name", str(out), "--data", str(data), "--distill", str(target)])
+    first = train_sft.main(["--model_name", str(out), "--data", str(data), "--distill", str(tmp_path / "first3.json"),
+                            "--distill_n", "3", "--seq_len", "32", "--diffusion_steps", "4", "--eval_gen_len", "4"])
+    assert first == [r for r in written if r["instruction"] in (TOY[0]["instruction"], TOY[2]["instruction"])]
     train_sft.main(["--model_name", str(out), "--data", str(target), "--seq_len", "32", "--batch_size", "4",
                     "--max_steps", "2", "--certainty_weight", "1", "--eval_every", "0", "--out_dir", str(tmp_path / "cert")])
     assert [r["step"] for r in read_log(tmp_path / "cert")] == [1, 2]
