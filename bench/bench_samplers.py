@@ -22,7 +22,8 @@ fine-tuned on the task (train_sft.py). Every sampler stops at EOS; the answers a
 (default: the longest reference plus EOS), the diffusion samplers run one block of that length (or
 --block_length blocks) with one step per token at most; tokens/s and tokens per forward count each
 answer's tokens up to and including its EOS. The table adds the accuracy (common.is_correct) with its
-standard error; --answers FILE.jsonl keeps every answer and whether it is right. --ar_model is the model of the ar_* rows (the AR-SFT parent, train_sft.py --ar):
+standard error; --answers FILE.jsonl keeps every answer and whether it is right. --ar_model is the model
+of the ar_* rows (the AR-SFT parent, train_sft.py --ar):
 
     python bench/bench_samplers.py --model_name out/sft/final --ar_model out/sft_ar/final --prompts synthetic_sort \
         --n_prompts 100 --configs ar_greedy,low_confidence,threshold0.9,threshold0.9+dual,eb1+dual
@@ -175,7 +176,8 @@ def main(argv=None):
                         "jobs; with one thread it equals the wall time of an idle machine")
     p.add_argument("--results", default=None,
                    help="FILE.jsonl: append each finished row; rows already there for the same model, prompts, "
-                        "lengths, seed, device, dtype, clock and threads are not run again (a long table in several runs)")
+                        "lengths, block length, seed, device, dtype, clock and threads are not run again "
+                        "(a long table in several runs)")
     p.add_argument("--answers", default=None,
                    help="FILE.jsonl (task prompts): append each finished row's answers and whether each is right, "
                         "one line per configuration and batch size")
@@ -218,8 +220,8 @@ def main(argv=None):
     eos = tok.eos_token_id
     gen_len = args.gen_len or (max(len(tok.encode(" " + r, add_special_tokens=False)) for r in refs) + 1 if task else 256)
     setting = dict(model_name=args.model_name, ar_model=args.ar_model, prompts=args.prompts, n_prompts=len(prompts),
-                   gen_len=gen_len, block_length=args.block_length, seed=args.seed, device=args.device, dtype=str(dtype), clock=args.clock,
-                   threads=torch.get_num_threads())
+                   gen_len=gen_len, block_length=args.block_length, seed=args.seed, device=args.device,
+                   dtype=str(dtype), clock=args.clock, threads=torch.get_num_threads())
     done = read_results(args.results, setting, p.error) if args.results else {}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if any((name, bs) not in done for bs in batch_sizes for name in names):
@@ -328,7 +330,6 @@ def judge(tok, gens, refs):
     eos = tok.eos_token_id
     texts = [tok.decode(cut_at_eos(g, eos), skip_special_tokens=True) for g in gens]
     return texts, [is_correct(t, r) for t, r in zip(texts, refs)]
-
 
 
 if __name__ == "__main__":
