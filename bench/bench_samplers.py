@@ -276,7 +276,7 @@ def main(argv=None):
             texts, right = judge(tok, gens, refs) if task else (None, None)
             rows.append((name, bs, n_tok / secs, row_forwards / max(n_tok, 1),
                          gen_perplexity(ar, prompt_ids, gens), sum(map(unigram_entropy, gens)) / len(gens),
-                         None if refs is None else sum(right) / len(refs)))
+                         None if right is None else sum(right) / len(right)))
             print(table_row(*rows[-1], n=len(prompts)), file=sys.stderr, flush=True)   # each row as it is done: a long run cut short keeps them
             if args.results:
                 with open(args.results, "a", encoding="utf-8") as f:
