@@ -22,6 +22,9 @@ its ratio to the AR figure (diffusion / AR; for perplexities AR / diffusion, so 
   siqa, arc_easy, arc_challenge), acc for lambada and winogrande, exact_match for triviaqa and gsm8k, ROUGE-1
   for rocstories, token perplexity for wikitext (the diffusion model's is an upper bound, from the ELBO, so
   its ratio is a lower bound of the true one). Bold in the table.
+- Floor (--floor_se, default 2): where the AR figure it is compared with lies within that many of its standard
+  errors of 0 (TriviaQA for a 135M parent: 1 of 500), a ratio measures noise: the cell shows "-", a note under
+  the table names it, and the mean and the goal leave the task out. 0 keeps every ratio.
 - Goal (--goal_mean, --goal_tasks, --lambada_parity): the mean of a row's headline ratios >= 0.9, a ratio
   >= 1 on at least two tasks, and LAMBADA's ratio >= 1.0; each row says whether it meets it and, if not, why.
 - A row may join several files (LABEL=A.json,B.json): one model's tasks run as parallel jobs, each with its own
@@ -238,7 +241,7 @@ def ratio_of(metric, value, ar):
     return value / ar if ar > 0 else None
 
 
-def compare(ar, row, task, metric):
+def compare(ar, row, task, metric, floor_se=0.0):
     """One cell: the row's figure and the AR figure on the same examples, and their ratio. `how`: "same" (the
     same n), "ar_first" (AR recomputed on the row's first n), "row_first" (the row recomputed on AR's n) or
     "stated" (different n and no per-example records to recompute: the stated figures, flagged)."""
@@ -255,7 +258,9 @@ def compare(ar, row, task, metric):
             got = first_n(row, task, metric, n_ar)
             how, n = ("row_first", n_ar) if got else ("stated", n_row)
             v, se = got or (v, se)
-    return dict(value=v, se=se, ar=a, ar_se=ase, n=n, n_ar=n_ar, n_row=n_row, how=how, ratio=ratio_of(metric, v, a))
+    floor = bool(floor_se) and metric not in LOWER_IS_BETTER and ase is not None and a - floor_se * ase <= 0
+    return dict(value=v, se=se, ar=a, ar_se=ase, n=n, n_ar=n_ar, n_row=n_row, how=how, floor=floor,
+                ratio=None if floor else ratio_of(metric, v, a))
 
 
 def goal_verdict(ratios, goal_mean=0.9, goal_tasks=2, lambada_parity=1.0):
@@ -275,7 +280,7 @@ def goal_verdict(ratios, goal_mean=0.9, goal_tasks=2, lambada_parity=1.0):
     return mean, above, not reasons, reasons
 
 
-def build(ar, rows):
+def build(ar, rows, floor_se=0.0):
     """(cells {(label, task, metric): compare(...)}, headline {(label, task): metric}) of the AR file and the rows
     [(label, results)], over the tasks each row has in common with the AR file."""
     cells, head = {}, {}
@@ -291,7 +296,7 @@ def build(ar, rows):
             head[(label, task)] = h
             for metric in ar["metrics"][task]:
                 if metric in row["metrics"][task]:
-                    cells[(label, task, metric)] = compare(ar, row, task, metric)
+                    cells[(label, task, metric)] = compare(ar, row, task, metric, floor_se)
     return cells, head
 
 
@@ -314,7 +319,7 @@ def describe(label, res):
             f"({', '.join(b for b in bits if b)}), {res['path']}")
 
 
-def render(ar, rows, cells, head, paper=None, paper_ratio=None, goal=(0.9, 2, 1.0)):
+def render(ar, rows, cells, head, paper=None, paper_ratio=None, goal=(0.9, 2, 1.0), floor_se=0.0):
     """The printed report (a list of lines) and the summary {label: {"mean", "above", "met", "reasons", "ratios"}}."""
     lines = ["Rows:", describe("AR parent", ar)] + [describe(label, res) for label, res in rows]
     paper_label = PAPER_ROW.format(**paper["models"]) if paper else None
@@ -349,6 +354,8 @@ def render(ar, rows, cells, head, paper=None, paper_ratio=None, goal=(0.9, 2, 1.
                     notes.setdefault(("stated", label), []).append(task)
                 elif c["how"] in ("ar_first", "row_first"):
                     notes.setdefault((c["how"], label), set()).add((task, c["n"]))
+                if c["floor"]:
+                    notes.setdefault(("floor", label), []).append(f"{task} {metric}")
                 line.append("-" if c["ratio"] is None else f"{c['ratio']:.2f}" + (" †" if c["how"] == "stated" else ""))
             if paper:
                 line.append(f"{paper_ratio[task]:.2f}" if is_head and task in paper_ratio else "")
@@ -361,6 +368,10 @@ def render(ar, rows, cells, head, paper=None, paper_ratio=None, goal=(0.9, 2, 1.
             lines.append(f"{label}: fewer examples than the AR file: {got}; the AR figure it is compared with is "
                          f"recomputed from {ar['path']}'s per-example records on the same first n (column "
                          f"\"AR, same examples\").")
+        elif kind == "floor":
+            lines.append(f"{label}: {', '.join(what)}: no ratio: the AR figure is within {floor_se:g} of its standard "
+                         f"errors of 0 on these examples (--floor_se), so the ratio would measure noise; left out of "
+                         f"the mean.")
         elif kind == "row_first":
             got = ", ".join(f"{t} ({n})" for t, n in sorted(what))
             lines.append(f"{label}: more examples than the AR file: {got}; its figure is recomputed from its own "
@@ -441,6 +452,8 @@ def parse_args(argv=None):
     p.add_argument("--write_paper_ratios", action="store_true",
                    help="compute the --paper file's ratios from its raw numbers and write them into it")
     p.add_argument("--jsonl", default=None, help="write one JSON line per (row, task) here (the input of plot.py ratios)")
+    p.add_argument("--floor_se", type=real(0.0), default=2.0,
+                   help="no ratio where the AR figure is within this many standard errors of 0 (0: every ratio)")
     p.add_argument("--goal_mean", type=real(0.0), default=0.9, help="goal: the least mean of the headline ratios")
     p.add_argument("--goal_tasks", type=at_least(0), default=2, help="goal: tasks with a ratio >= 1 needed")
     p.add_argument("--lambada_parity", type=real(0.0), default=1.0, help="goal: the least LAMBADA ratio")
@@ -481,11 +494,11 @@ def main(argv=None):
                 raise DataError(f"--rows: the label {label!r} is given twice")
             seen.add(label)
             rows.append((label, read_row(paths)))
-        cells, head = build(ar, rows)
+        cells, head = build(ar, rows, args.floor_se)
     except DataError as e:
         args.error(first_line(e))
     lines, summary = render(ar, rows, cells, head, paper, paper_ratio,
-                            goal=(args.goal_mean, args.goal_tasks, args.lambada_parity))
+                            goal=(args.goal_mean, args.goal_tasks, args.lambada_parity), floor_se=args.floor_se)
     print("\n".join(lines))
     records = jsonl_lines(rows, cells, head, paper, paper_ratio)
     if args.jsonl:

@@ -64,7 +64,7 @@ def write(tmp_path, name, data):
 def run(tmp_path, capsys, *extra, ar=AR, rows=(("adapted", ADAPTED), ("weak", WEAK))):
     argv = ["--ar", write(tmp_path, "ar.json", ar), "--rows"]
     argv += [f"{label}={write(tmp_path, label + '.json', data)}" for label, data in rows]
-    out = zt.main(argv + list(extra))
+    out = zt.main(argv + ["--floor_se", "0"] + list(extra))   # the fixtures' 4 examples: every AR figure near its SE
     return out, capsys.readouterr().out
 
 
@@ -128,13 +128,13 @@ def test_a_row_split_over_files_equals_the_row_in_one(tmp_path, capsys):
                "metrics": {t: ADAPTED["metrics"][t] for t in tasks}} for tasks, lim in ((("lambada", "piqa"), 2),
                                                                                          (("winogrande", "wikitext"), 4))]
     argv = ["--ar", write(tmp_path, "ar.json", AR), "--rows",
-            f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"]
+            f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}", "--floor_se", "0"]
     two = zt.main(argv)
     text = capsys.readouterr().out
     assert two["cells"] == {k: v for k, v in one["cells"].items()} and two["summary"] == one["summary"]
     assert "a1.json + " in text and "a2.json" in text and "--limit 4" in text
     halves[1]["metrics"]["piqa"] = ADAPTED["metrics"]["piqa"]       # a task in both files
-    argv[-1] = f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"
+    argv[-3] = f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"
     with pytest.raises(SystemExit) as e:
         zt.main(argv)
     err = capsys.readouterr().err
@@ -169,6 +169,26 @@ def test_perplexity_ratio_is_ar_over_diffusion(tmp_path, capsys):
     assert b["ratio"] == pytest.approx(10 / (20 * math.log(2)))
     assert "wikitext: the diffusion perplexities are upper bounds" in text
     assert zt.ratio_of("token_perplexity", 0.0, 5.0) is None and zt.ratio_of("acc", 0.3, 0.0) is None
+
+
+def test_floor_leaves_out_ratios_of_an_ar_figure_near_zero(tmp_path, capsys):
+    """--floor_se 1: winogrande's AR 0.5 ± 0.2887 stands 1.7 SE above 0 (kept); lambada on the first 2 is 0.5 ± 0.5,
+    1 SE (left out); piqa acc 0.75 ± 0.25 kept, acc_norm 0.5 ± 0.2887 kept. --floor_se 2 also drops winogrande and piqa's
+    acc_norm (the headline) but keeps piqa acc (0.75 - 0.5 > 0); perplexities are never floored."""
+    out, text = run(tmp_path, capsys, "--floor_se", "1")
+    s = out["summary"]["adapted"]
+    assert s["ratios"] == pytest.approx({"lambada": None, "piqa": 1.2, "winogrande": 1.5, "wikitext": E})
+    assert s["mean"] == pytest.approx((1.2 + 1.5 + E) / 3)
+    assert out["cells"][("adapted", "lambada", "acc")]["floor"] and table_row(text, "lambada", "acc")[5] == "-"
+    assert "adapted: lambada acc: no ratio: the AR figure is within 1 of its standard errors of 0" in text
+    assert "weak: lambada" not in text                   # weak's lambada is on all 4: 0.75 ± 0.25, kept
+    assert out["summary"]["weak"]["ratios"] == pytest.approx({"lambada": 0.5, "winogrande": 0.9})
+    out, text = run(tmp_path, capsys, "--floor_se", "2")
+    assert out["summary"]["adapted"]["ratios"] == pytest.approx(
+        {"lambada": None, "piqa": None, "winogrande": None, "wikitext": E})
+    assert out["cells"][("adapted", "piqa", "acc")]["ratio"] == pytest.approx(0.5 / 0.75)
+    assert out["summary"]["weak"]["ratios"] == pytest.approx({"lambada": 0.5, "winogrande": None})
+    assert "adapted: lambada acc, winogrande acc, piqa acc_norm: no ratio" in text
 
 
 def test_goal_verdict():
