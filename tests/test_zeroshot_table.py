@@ -127,14 +127,14 @@ def test_a_row_split_over_files_equals_the_row_in_one(tmp_path, capsys):
     halves = [{"settings": dict(ADAPTED["settings"], limit=lim),
                "metrics": {t: ADAPTED["metrics"][t] for t in tasks}} for tasks, lim in ((("lambada", "piqa"), 2),
                                                                                          (("winogrande", "wikitext"), 4))]
-    argv = ["--ar", write(tmp_path, "ar.json", AR), "--rows",
-            f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}", "--floor_se", "0"]
+    argv = ["--floor_se", "0", "--ar", write(tmp_path, "ar.json", AR), "--rows",
+            f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"]
     two = zt.main(argv)
     text = capsys.readouterr().out
     assert two["cells"] == {k: v for k, v in one["cells"].items()} and two["summary"] == one["summary"]
     assert "a1.json + " in text and "a2.json" in text and "--limit 4" in text
     halves[1]["metrics"]["piqa"] = ADAPTED["metrics"]["piqa"]       # a task in both files
-    argv[-3] = f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"
+    argv[-1] = f"adapted={write(tmp_path, 'a1.json', halves[0])},{write(tmp_path, 'a2.json', halves[1])}"
     with pytest.raises(SystemExit) as e:
         zt.main(argv)
     err = capsys.readouterr().err
