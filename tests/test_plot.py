@@ -185,7 +185,9 @@ def test_results_files_read_back():
     rows = [json.loads(line) for line in open(os.path.join(RESULTS, "lambada_tokens.jsonl"), encoding="utf-8")]
     assert all(r["source"] for r in rows)
     per_step = {"general text, GPU (32 x 512 a step)": 32 * 512, "general text, GPU, first run": 32 * 512,
-                "general text, CPU (8 x 128 a step)": 8 * 128, "general text, CPU (8 x 256 a step)": 8 * 256,
+                "general text, CPU (8 x 128 a step)": 8 * 128,
+                "general text, CPU, 560-step schedule (8 x 256 a step)": 8 * 256,
+                "general text, CPU, 1000-step schedule (8 x 256 a step)": 8 * 256,
                 "quickstart, Shakespeare, CPU (4 x 128 a step)": 4 * 128}
     for r in rows:
         assert r["tokens"] == per_step.get(r["run"], 0) * r["step"]
