@@ -272,7 +272,8 @@ def draw_lambada(path):
     ax.set_title("LAMBADA accuracy against tokens of adaptation"
                  + (f" ({usual:,} lines unless marked)" if usual is not None else ""))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left")
+    # the lower right is empty: every adapted checkpoint scores far above the quickstart and the untrained model
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
