@@ -189,6 +189,7 @@ def test_results_files_read_back():
                 "general text, CPU, 560-step schedule (8 x 256 a step)": 8 * 256,
                 "general text, CPU, 1000-step schedule (8 x 256 a step)": 8 * 256,
                 "general text, CPU, 320 steps of 4 x 8 x 256 (8k-token steps)": 4 * 8 * 256,
+                "general text, CPU, the GPU recipe: 160 steps of 4 x 8 x 512 (16k-token steps)": 4 * 8 * 512,
                 "quickstart, Shakespeare, CPU (4 x 128 a step)": 4 * 128}
     for r in rows:
         assert r["tokens"] == per_step.get(r["run"], 0) * r["step"]
