@@ -30,7 +30,7 @@ RECORDS = {
              {"goal": "who is my lord", "sol1": "the king", "sol2": "the day", "label": 0}],
     "siqa": [{"context": "the king said good night", "question": "what will the queen do",
               "answerA": "say good night", "answerB": "come here", "answerC": "love the day", "label": "1"}],
-    "winogrande": [{"sentence": "the king said to the queen that _ was good", "option1": "he", "option2": "she",
+    "winogrande": [{"sentence": "the king said to the queen that _ was good", "option1": "you", "option2": "we",
                     "answer": "2"}],
     "rocstories": [{"storyid": "a", "sentence1": "the king was good", "sentence2": "the queen was good",
                     "sentence3": "the man said good day", "sentence4": "the king said good night",
@@ -123,8 +123,8 @@ def test_task_examples():
     ex = ez.make_example("hellaswag", RECORDS["hellaswag"][0], "f", 1)
     assert ex["gold"] == 2 and ex["pairs"][0] == ("the king: the queen said To the king", " my lord")
     ex = ez.make_example("winogrande", RECORDS["winogrande"][0], "f", 1)
-    assert ex["pairs"] == [("the king said to the queen that he", " was good"),
-                           ("the king said to the queen that she", " was good")] and ex["gold"] == 1
+    assert ex["pairs"] == [("the king said to the queen that you", " was good"),
+                           ("the king said to the queen that we", " was good")] and ex["gold"] == 1
     ex = ez.make_example("siqa", RECORDS["siqa"][0], "f", 1)
     assert ex["gold"] == 0 and ex["pairs"][2][1] == " love the day"
     ex = ez.make_example("rocstories", RECORDS["rocstories"][0], "f", 1)
