@@ -170,6 +170,68 @@ def test_ddp_two_processes_match_one(setup):
                 assert x[k] == pytest.approx(y[k], rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(trainer.MALLOC_TRIM is None, reason="malloc_trim is glibc's")
+def test_release_free_memory_returns_heap_holes():
+    """Freed tensors between live ones stay resident in glibc's heap until trimmed."""
+    keep, drop = [], []
+    for i in range(400):   # 100 KB each: under glibc's mmap threshold, so carved from the heap
+        (keep if i % 2 else drop).append(torch.ones(25_000))
+    del drop
+    before = resident()
+    assert trainer.release_free_memory(force=True)
+    assert before - resident() > 10e6   # most of the 200 holes of 100 KB
+    assert sum(float(k[0]) for k in keep) == 200.0
+
+
+def test_release_free_memory_only_when_memory_is_short(monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer, "MALLOC_TRIM", lambda pad: calls.append(pad))
+    monkeypatch.setattr(trainer, "available_memory_share", lambda: 0.5)
+    monkeypatch.setattr(trainer, "TRIM_BELOW_AVAILABLE", 0.25)
+    assert not trainer.release_free_memory() and calls == []
+    monkeypatch.setattr(trainer, "available_memory_share", lambda: 0.1)
+    assert trainer.release_free_memory() and calls == [0]
+    monkeypatch.setattr(trainer, "available_memory_share", lambda: None)   # not Linux: nothing to read
+    assert not trainer.release_free_memory() and calls == [0]
+    monkeypatch.setattr(trainer, "MALLOC_TRIM", None)   # not glibc
+    assert not trainer.release_free_memory(force=True)
+
+
+def test_available_memory_share_takes_the_lower_of_machine_and_cgroup(tmp_path):
+    proc, cg = tmp_path / "proc", tmp_path / "cg"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:       1000 kB\nMemFree:    100 kB\nMemAvailable:    600 kB\n")
+    (proc / "self" / "cgroup").write_text("0::/job/step\n")
+    assert trainer.available_memory_share(str(proc), str(cg)) == 0.6   # no cgroup files: the machine's
+    (cg / "job" / "step").mkdir(parents=True)
+    (cg / "job" / "step" / "memory.max").write_text("max\n")
+    assert trainer.available_memory_share(str(proc), str(cg)) == 0.6
+    (cg / "job" / "step" / "memory.max").write_text("4000\n")
+    (cg / "job" / "step" / "memory.current").write_text("3000\n")
+    assert trainer.available_memory_share(str(proc), str(cg)) == 0.25
+    (proc / "meminfo").write_text("")
+    assert trainer.available_memory_share(str(proc), str(cg)) == 0.25
+    (proc / "self" / "cgroup").write_text("")
+    assert trainer.available_memory_share(str(proc), str(cg)) is None
+
+
+@pytest.mark.parametrize("short", [True, False])
+def test_cpu_run_trims_after_each_step_when_memory_is_short(setup, tmp_path, monkeypatch, short):
+    calls = []
+    monkeypatch.setattr(trainer, "MALLOC_TRIM", lambda pad: calls.append(pad))
+    monkeypatch.setattr(trainer, "available_memory_share", lambda: 0.1 if short else 0.9)
+    ta.main(common(setup, tmp_path / "out", "--max_steps", "3", "--device", "cpu"))
+    assert calls == ([0] * 3 if short else [])
+
+
 # ----------------------------------------------------------------------------- data
 
 def stream(tok, docs):
