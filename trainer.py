@@ -705,14 +705,14 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 def _malloc_trim():
     try:
-        fn = ctypes.CDLL(None).malloc_trim   # glibc only: musl, macOS and Windows have none
+        fn = ctypes.CDLL(None).malloc_trim   # glibc only: musl and macOS lack it, Windows has no CDLL(None)
     except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
 
 
-MALLOC_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
+MALLOC_TRIM = _malloc_trim()
 # Below this share of memory available after a step, a CPU run hands its heap's free pages back.
 TRIM_BELOW_AVAILABLE = 0.25
 
