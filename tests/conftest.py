@@ -6,7 +6,11 @@ import sys
 import time
 
 import pytest
-import torch
+
+# Tiny models gain nothing from a second thread, and the suite runs two workers (pytest -n 2) beside the
+# 2-rank torchrun runs it launches: one thread each keeps them from slowing each other many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after the thread count: torch reads it at import)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
