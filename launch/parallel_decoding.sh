@@ -60,12 +60,13 @@ COMMON=(--data "$TASK" "${EVALUATE[@]}" --synthetic_n 5000 --batch_size 8
         --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len "$SEQ_LEN" --keep_last 1 --dtype "$DTYPE")
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { if has "$1"; then shift; "$@"; fi; }   # stage NAME command...: run it if NAME is in STAGES
+resume() { if [ -e "$1/latest" ]; then echo --resume; fi; }   # a run with a checkpoint is continued, never replaced
 
 # the two baselines at the same budget: the AR parent as a causal LM, and diffusion SFT of MODEL
 stage ar python train_sft.py --model_name "$AR_MODEL" --ar "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
-  --save_every 120 --out_dir "$OUT/ar"
+  --save_every 120 --out_dir "$OUT/ar" $(resume "$OUT/ar")
 stage sft python train_sft.py --model_name "$MODEL" "${COMMON[@]}" --max_steps "$STEPS" --eval_every 120 \
-  --save_every 120 --out_dir "$OUT/sft"
+  --save_every 120 --out_dir "$OUT/sft" $(resume "$OUT/sft")
 
 # the SFT model's own answers to training prompts, kept where the checker accepts them
 stage distill python train_sft.py --model_name "$OUT/sft" --data "$TASK" --synthetic_n "$DISTILL_N" --distill_n "$DISTILL_N" \
@@ -77,8 +78,8 @@ CERT=(--data "$OUT/distilled.json" "${EVALUATE[@]}" --batch_size 8
       --lr 1e-4 --min_lr 1e-5 --warmup_steps 10 --seq_len "$SEQ_LEN" --keep_last 1 --max_steps "$CERT_STEPS"
       --eval_every 100 --save_every 100 --dtype "$DTYPE")
 stage certainty python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --certainty_weight 2 --certainty_temp 0.5 \
-  --out_dir "$OUT/certainty"
-stage control python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --out_dir "$OUT/control"
+  --out_dir "$OUT/certainty" $(resume "$OUT/certainty")
+stage control python train_sft.py --model_name "$OUT/sft" "${CERT[@]}" --out_dir "$OUT/control" $(resume "$OUT/control")
 
 # accuracy, tokens per forward and tokens/s on held-out problems, with and without the dual cache, at batch 8
 # (N_PROMPTS) and batch 1 (the first N_PROMPTS_B1); one thread, timed by process CPU time; every answer kept

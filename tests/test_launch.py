@@ -2,9 +2,10 @@
 from a diffusion checkpoint its AR-SFT baseline starts from the AR parent."""
 import json
 import os
+import random
 import subprocess
 
-from conftest import ROOT, save_tiny_ar
+from conftest import ROOT, WORDS, save_tiny_ar
 from test_train_adapt import subprocess_env
 
 TOY = [{"instruction": q, "output": a} for q, a in (
@@ -49,19 +50,49 @@ def test_parallel_decoding_recipe_runs(tmp_path):
     assert not (out / "bench_sft_b1.jsonl").exists()           # BATCHES="8": batch 8 only
 
 
-def test_from_a_diffusion_checkpoint_the_ar_baseline_is_its_parent(tmp_path):
-    from model import DiscreteDiffusionModel
-    data = tmp_path / "toy.json"
-    data.write_text(json.dumps(TOY))
-    ar = save_tiny_ar(tmp_path / "tiny")
-    DiscreteDiffusionModel.from_pretrained(ar).save_pretrained(tmp_path / "dlm")
-    out = tmp_path / "pd"
-    env = dict(subprocess_env(), MODEL=str(tmp_path / "dlm"), TASK=str(data), EVAL=str(data), OUT=str(out), STEPS="1",
-               SEQ_LEN="48", EVAL_N="0")
-    r = run_stages(env, "ar")
-    assert r.returncode == 0, r.stderr[-2000:]
-    args = json.loads((out / "ar" / "args.json").read_text())
-    assert args["model_name"] == os.path.abspath(ar)
-    assert (args["seq_len"], args["eval_data"]) == (48, None)       # EVAL_N=0: no evaluation during training
-    r = run_stages(dict(env, MODEL=str(tmp_path / "none")), "ar")
+def test_a_missing_model_is_one_line(tmp_path):
+    r = run_stages(dict(subprocess_env(), MODEL=str(tmp_path / "none"), OUT=str(tmp_path / "pd")), "ar")
     assert r.returncode != 0 and r.stderr.strip() == f"parallel_decoding.sh: MODEL {tmp_path / 'none'}: no such model folder"
+
+
+def test_paper_comparison_runs_every_stage(tmp_path):
+    """launch/paper_comparison.sh on a tiny model and tiny copies of the shared files: the adaptation, LAMBADA of
+    the parent and of every checkpoint, the suite of both, the ratio table and plot, AR-SFT and diffusion SFT on
+    GSM8K and their answers (the AR-SFT baseline starting from the adapted checkpoint's AR parent); run again, it
+    continues the finished adaptation and trains nothing."""
+    from test_eval_zeroshot import LAMBADA, RECORDS, write_jsonl
+    rng = random.Random(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "wiki_demo.txt").write_text("".join(" ".join(rng.choice(WORDS) for _ in range(30)) + "\n" for _ in range(40)))
+    (data / "c4_demo.json").write_text(json.dumps([{"text": " ".join(rng.choice(WORDS) for _ in range(30))}] * 20))
+    (data / "lambada_test.txt").write_text("\n".join(LAMBADA) + "\n")
+    write_jsonl(data / "piqa.jsonl", RECORDS["piqa"])
+    gsm = [{"instruction": t["instruction"], "output": "#### " + t["output"]} for t in TOY]
+    (data / "gsm8k_train.json").write_text(json.dumps(gsm))
+    (data / "gsm8k_test.json").write_text(json.dumps(gsm))
+    out = tmp_path / "paper"
+    env = dict(subprocess_env(), MODEL=save_tiny_ar(tmp_path / "tiny", max_pos=256), DATA_DIR=str(data), OUT=str(out),
+               ADAPT_STEPS="2", BATCH="2", SEQ_LEN="32", ANNEAL="1", SAVE_EVERY="2", TASKS="lambada,piqa", LIMIT="2",
+               MC_NUM="2", SFT_STEPS="1", SFT_SEQ_LEN="48", N_TEST="2", GEN_LEN="4", BLOCK="2", DTYPE="float32")
+    script = os.path.join(ROOT, "launch", "paper_comparison.sh")
+    r = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "adapt" / "final" / "config.json").is_file() and (out / "adapt" / "step_000002").is_dir()
+    for f in ("lambada_ar.json", "lambada_step_000002.json"):
+        assert "acc" in json.loads((out / f).read_text())["metrics"]["lambada"]
+    for f in ("zeroshot_ar.json", "zeroshot_adapted.json"):
+        assert set(json.loads((out / f).read_text())["metrics"]) == {"lambada", "piqa"}
+    assert {json.loads(line)["task"] for line in (out / "zeroshot_ratios.jsonl").read_text().splitlines()} >= {"lambada", "piqa"}
+    assert "| lambada |" in (out / "zeroshot_table.md").read_text() and (out / "zeroshot_ratios.png").stat().st_size > 0
+    assert (out / "gsm8k" / "ar" / "final").is_dir() and (out / "gsm8k" / "sft" / "final").is_dir()
+    args = json.loads((out / "gsm8k" / "ar" / "args.json").read_text())
+    assert args["model_name"] == env["MODEL"] and (args["seq_len"], args["eval_data"]) == (48, None)   # EVAL_N=0
+    rows = [json.loads(line) for line in (out / "gsm8k_bench.jsonl").read_text().splitlines()]
+    assert sorted(r["config"] for r in rows) == ["ar_greedy", "low_confidence", "threshold0.9+dual"]
+    assert all(r["n_prompts"] == 2 and r["accuracy"] is not None for r in rows)
+    log = (out / "adapt" / "log.jsonl").read_text()
+    r = subprocess.run(["bash", script], cwd=ROOT, env=dict(env, STAGES="adapt"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "already at step 2, nothing to do" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert (out / "adapt" / "log.jsonl").read_text().startswith(log)
