@@ -22,7 +22,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODEL="${MODEL:-smollm2-135m}"
-DATA_DIR="$(cd "${DATA_DIR:-../shared/data}" && pwd)"
+DATA_DIR="${DATA_DIR:-../shared/data}"
+[ -d "$DATA_DIR" ] || { echo "paper_comparison.sh: DATA_DIR $DATA_DIR: no such folder (see ../shared/data/README.md)" >&2; exit 2; }
+DATA_DIR="$(cd "$DATA_DIR" && pwd)"
 OUT="${OUT:-out/paper}"
 STAGES="${STAGES:-adapt lambada zeroshot table gsm8k}"
 ADAPT_STEPS="${ADAPT_STEPS:-320}"

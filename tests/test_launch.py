@@ -50,9 +50,12 @@ def test_parallel_decoding_recipe_runs(tmp_path):
     assert not (out / "bench_sft_b1.jsonl").exists()           # BATCHES="8": batch 8 only
 
 
-def test_a_missing_model_is_one_line(tmp_path):
+def test_a_missing_model_or_data_folder_is_one_line(tmp_path):
     r = run_stages(dict(subprocess_env(), MODEL=str(tmp_path / "none"), OUT=str(tmp_path / "pd")), "ar")
     assert r.returncode != 0 and r.stderr.strip() == f"parallel_decoding.sh: MODEL {tmp_path / 'none'}: no such model folder"
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "paper_comparison.sh")], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(subprocess_env(), DATA_DIR=str(tmp_path / "none"), OUT=str(tmp_path / "paper")))
+    assert r.returncode == 2 and r.stderr.strip().startswith(f"paper_comparison.sh: DATA_DIR {tmp_path / 'none'}: no such folder")
 
 
 def test_paper_comparison_runs_every_stage(tmp_path):
