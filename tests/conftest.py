@@ -96,3 +96,12 @@ def assert_close_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# the whole recipes (a dozen processes each, the longest tests) go first: run last, one of the two workers
+# would still be on them long after the other had finished
+FIRST = ("test_launch.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in FIRST)
