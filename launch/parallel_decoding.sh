@@ -24,6 +24,9 @@
 # and its block length, default one block).
 # About 3.5 hours on 2 CPU cores at one thread a job (ar and sft side by side, then certainty and control;
 # the benchmark is about 40 minutes a model).
+# A training stage whose run folder already has a checkpoint continues that run (--resume; a finished one does
+# nothing), and the benchmark runs only the rows its results file lacks; distill refuses to overwrite its file, so
+# after a stop, rerun with the stages still to do in STAGES.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
