@@ -75,6 +75,26 @@ def test_left_padded_batch_equals_one_at_a_time(dlm, block_length, sampler):
         assert torch.equal(together[b, -n:], alone[0])
 
 
+@pytest.mark.parametrize("cache", CACHE_MODES)
+@pytest.mark.parametrize("sampler", ["low_confidence", "threshold"])
+def test_blocks_of_one_are_greedy_left_to_right_decoding(dlm, sampler, cache):
+    """--block_length 1 (bench/RESULTS.md, left to right on GSM8K): each step commits the argmax of the
+    leftmost [MASK] of each row, every [MASK] after it still in the input. The reference runs the model on
+    each row alone, one position at a time."""
+    tok = dlm.tokenizer
+    prompts, n = ["the king said to his queen", "a"], 6
+    batch = build_inputs(tok, prompts, n, mask_token_id=dlm.mask_token_id)
+    out = run(dlm, batch, sampler, diffusion_steps=n, block_length=1, cache=cache, threshold=0.5)
+    for b, p in enumerate(prompts):
+        x = build_inputs(tok, [p], n, mask_token_id=dlm.mask_token_id)["input_ids"]
+        for i in range(x.shape[1] - n, x.shape[1]):
+            with torch.no_grad():
+                logits = dlm(x).float()[0, i - 1]                       # shift: column i - 1 predicts token i
+            logits[dlm.mask_token_id] = float("-inf")
+            x[0, i] = logits.argmax()
+        assert torch.equal(out[b, -x.shape[1]:], x[0])
+
+
 @pytest.mark.parametrize("tokens", ["greedy", "sampled"])
 @pytest.mark.parametrize("sampler, cache", [(s, c) for s in ALL_SAMPLERS for c in CACHE_MODES if allowed(s, c)])
 def test_row_generators_make_a_padded_batch_equal_each_row_alone(dlm, sampler, cache, tokens):
