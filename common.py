@@ -12,9 +12,11 @@ every script can import it, moe_convert.py included.
     is_correct("... #### 42", records[0]["output"])
 """
 import argparse
+import ast
 import csv
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -241,6 +243,36 @@ def gsm8k_number(text):
         return None
     num = m.group(1).replace(",", "")
     return num[:-2] if num.endswith(".0") else num
+
+
+STEP_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+_ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _arith(node):
+    """The value of an expression tree of numbers, + - * / and signs; ValueError for anything else."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+        return _ARITH[type(node.op)](_arith(node.left), _arith(node.right))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return -_arith(node.operand) if isinstance(node.op, ast.USub) else _arith(node.operand)
+    raise ValueError("not arithmetic")
+
+
+def right_steps(text):
+    """GSM8K's symbolic steps `<<expression=result>>` in an answer: (how many have a result equal to their
+    expression's value, how many there are). A finer measure than the final number of whether a model computes:
+    an answer can reach the right number through wrong steps. A step that does not parse counts as wrong."""
+    right = n = 0
+    for expr, result in STEP_RE.findall(text):
+        n += 1
+        try:
+            right += abs(_arith(ast.parse(expr.replace(",", "").strip(), mode="eval").body)
+                         - float(result.replace(",", "").strip())) < 1e-6
+        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+            pass
+    return right, n
 
 
 def normalize_answer(s):

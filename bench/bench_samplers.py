@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_zeroshot import Scorer  # noqa: E402
 from common import (PROMPT, SYNTHETIC_TASKS, DataError, Parser, at_least, binomial_se, field, first_line,  # noqa: E402
-                    in_template, is_correct, read_records, synthetic)
+                    in_template, is_correct, read_records, right_steps, synthetic)
 from model import (DTYPES, SamplerSettings, add_sampler_args, build_inputs, cut_at_eos, default_device,  # noqa: E402
                    default_dtype, sample)
 
@@ -283,8 +283,9 @@ def main(argv=None):
                     f.write(json.dumps({**setting, **dict(zip(RESULT_FIELDS, rows[-1]))}) + "\n")
             if args.answers:
                 with open(args.answers, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({**setting, "config": name, "batch": bs, "answers": texts,
-                                        "correct": right}) + "\n")
+                    steps = [right_steps(t) for t in texts]
+                    f.write(json.dumps({**setting, "config": name, "batch": bs, "answers": texts, "correct": right,
+                                        "right_steps": [sum(r for r, _ in steps), sum(n for _, n in steps)]}) + "\n")
     print(f"\n{args.model_name}" + (f" (ar_*: {args.ar_model})" if args.ar_model else "") +
           f", {len(prompts)} prompts ({args.prompts}), {gen_len} new tokens at most, {args.device} "
           f"({torch.get_num_threads()} threads), {dtype}, {args.clock} clock\n")

@@ -197,6 +197,7 @@ def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch, capsys):
             out[b, cols] = torch.tensor(ans)
         return out
     monkeypatch.setattr(bs, "sample", fake)
+    monkeypatch.setattr(bs, "right_steps", lambda text: (1, 2))   # summed over a row's answers
     answers = tmp_path / "answers.jsonl"
     rows = bs.main(["--model_name", str(tmp_path / "dlm"), "--prompts", "synthetic_sort", "--n_prompts", "3",
                     "--batch_sizes", "1", "--configs", "threshold0.7+dual", "--device", "cpu", "--answers", str(answers)])
@@ -210,6 +211,7 @@ def test_task_counts_answer_tokens_and_forwards(tmp_path, monkeypatch, capsys):
     assert rows[0][3] == pytest.approx(5 * 3 / sum(n_ref))     # forwards per token: 5 a prompt over its answer's tokens
     line, = [json.loads(x) for x in answers.read_text().splitlines()]
     assert (line["config"], line["batch"], line["correct"]) == ("threshold0.7+dual", 1, [True] * 3)
+    assert line["right_steps"] == [3, 6]
     assert [a.strip() for a in line["answers"]] == refs
     with pytest.raises(SystemExit):
         bs.main(["--answers", str(answers)])                  # the corpus prompts have no references
@@ -233,3 +235,14 @@ def test_bad_prompts_are_one_line(tmp_path, capsys):
         bs.main(["--model_name", str(tmp_path / "dlm"), "--prompts", str(bad), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith(f"error: --prompts {bad} record 1: missing field 'output'")
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" <<16*3=48>> <<48*2=96>> <<96*2=192>> <<16+48+192=224>> #### 224", (3, 4)),   # the last sum is 256
+    (" <<1,000/4=250>> <<-(2+3)=-5>> <<5=5.0>> <<7/2=3.5>>", (4, 4)),              # commas, signs, a float result
+    (" <<2**9=512>> <<3/0=1>> <<x+1=2>> <<4*2=>> <<16*3=14>>", (0, 5)),             # not + - * /, undefined, a name, no result, wrong
+    (" #### 18", (0, 0)),
+])
+def test_right_steps_by_hand(text, expected):
+    from common import right_steps
+    assert right_steps(text) == expected
