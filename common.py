@@ -270,7 +270,7 @@ def right_steps(text):
         try:
             right += abs(_arith(ast.parse(expr.replace(",", "").strip(), mode="eval").body)
                          - float(result.replace(",", "").strip())) < 1e-6
-        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
             pass
     return right, n
 

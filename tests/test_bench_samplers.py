@@ -242,6 +242,7 @@ def test_bad_prompts_are_one_line(tmp_path, capsys):
     (" <<1,000/4=250>> <<-(2+3)=-5>> <<5=5.0>> <<7/2=3.5>>", (4, 4)),              # commas, signs, a float result
     (" <<2**9=512>> <<3/0=1>> <<x+1=2>> <<4*2=>> <<16*3=14>>", (0, 5)),             # not + - * /, undefined, a name, no result, wrong
     (" #### 18", (0, 0)),
+    (" <<" + "9" * 400 + "/3=1>> <<" + "9" * 400 + "*1=1>>", (0, 2)),                # runaway numbers past a float
 ])
 def test_right_steps_by_hand(text, expected):
     from common import right_steps
