@@ -1181,7 +1181,8 @@ def _to_left(x, att, back=False):
 
 @torch.no_grad()
 def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
-                   remasking="low_confidence", stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
+                   remasking="low_confidence", threshold=None, stop_at_eos=False, eos_token_id=None, generator=None,
+                   callback=None):
     """The sampler of block-diffusion models (train_sft.py --block_size, dFactory / LLaDA2.0): blocks of
     `block_length` tokens by position (position 0 = the first real token, as in training), one after the
     other; each is denoised with LLaDA's steps (`low_confidence` or `random` remasking, an even transfer
@@ -1191,7 +1192,10 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     current block only (with shift the window starts one column earlier: the last token of the block
     before predicts the block's first token), and a finished block is run once more, clean, to extend
     the cache. A block without positions to generate (prompt, suffix) is only cached; nothing after the
-    last generated block is run. Rows may be left-padded."""
+    last generated block is run, nor anything once every row has finished (stop_at_eos). Rows may be left-padded.
+    `threshold` (parallel decoding within the block, as Fast-dLLM v2): each step commits every masked position
+    of the block whose confidence is at least `threshold`, at least one per row, and the block ends when it is
+    full; its share of the steps is then an upper bound (its last allowed step commits whatever is left)."""
     from transformers import DynamicCache
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"the block sampler's remasking must be 'low_confidence' or 'random', got {remasking!r}")
@@ -1228,6 +1232,8 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
 
     step = 0
     for blk in blocks:
+        if not pending.any():
+            break                                                    # every row has finished (stop_at_eos)
         lo, hi = blk * block_length, min((blk + 1) * block_length, L)
         while cached < lo:                                           # the clean blocks before: cached, block by block
             end = min(lo, (cached // block_length + 1) * block_length)
@@ -1238,11 +1244,17 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         still[:, hi:] = False
         schedule = transfer_schedule(still.sum(1), per_block)
         for i in range(per_block):
+            if threshold is not None and not still.any():
+                break                                                # the block is full: no more steps
             if still.any():
                 a = max(lo - s, 0)
                 logits = head(run(a, hi - s, keep=False), still, a)
                 proposal, conf = propose(x, still, logits, temperature, remasking, generator)
-                x = apply_commit(x, proposal, conf, schedule[:, i], still, pending, todo, eos)
+                if threshold is None:
+                    counts = schedule[:, i]
+                else:
+                    counts = still.sum(1) if i == per_block - 1 else commit_counts(conf, still, threshold)
+                x = apply_commit(x, proposal, conf, counts, still, pending, todo, eos)
             step += 1
             if callback is not None:
                 callback(step, unmask(x))
@@ -1266,7 +1278,8 @@ SAMPLER_FLAGS = {   # field: (argparse type, also applied to values given from P
     "block_length": (at_least(1), "low_confidence/random/threshold/eb: semi-AR block length (unset: the whole "
                      "span); block: its block length (unset: the model's block_size)"),
     "temperature": (real(0.0), "low_confidence/random/threshold/eb/block: Gumbel temperature (0 = greedy)"),
-    "threshold": (real(0.0, strict=True, at_most=1.0), "threshold: commit every position at least this confident"),
+    "threshold": (real(0.0, strict=True, at_most=1.0), "threshold: commit every position at least this confident "
+                  "(unset: 0.9); block: the same within each block (unset: the even schedule of --diffusion_steps)"),
     "factor": (real(0.0, strict=True), "threshold: commit by the factor rule (n + 1)(1 - c_n) < factor instead of --threshold"),
     "gamma": (real(0.0), "eb: the entropy bound (nats): commit the most confident positions while their entropies "
               "sum, less the largest, to at most gamma (0 = one token a step, as low_confidence)"),
@@ -1286,7 +1299,7 @@ class SamplerSettings:
     topp_temp: float = 0.9
     block_length: Optional[int] = None
     temperature: float = 0.0
-    threshold: float = 0.9
+    threshold: Optional[float] = None
     factor: Optional[float] = None
     gamma: float = 0.5
     cache: str = "none"
@@ -1300,7 +1313,7 @@ class SamplerSettings:
                     v = v.lower() in ("true", "1", "yes")
                 if not isinstance(v, bool):
                     raise ValueError(f"--stop_at_eos must be true or false, got {v!r}")
-            elif v is not None or f.name not in ("diffusion_steps", "block_length", "factor"):   # None: see help
+            elif v is not None or f.name not in ("diffusion_steps", "block_length", "threshold", "factor"):   # None: see help
                 try:
                     v = SAMPLER_FLAGS[f.name][0](v)
                 except ArgumentTypeError as e:
@@ -1363,11 +1376,12 @@ def sample(model, batch, settings, generator=None, callback=None):
                                    callback=callback)
     if s.sampler == "block":
         return generate_block(model, **batch, steps=steps, block_length=s.block_length or model.config.block_size,
-                              temperature=s.temperature, stop_at_eos=s.stop_at_eos, generator=generator,
-                              callback=callback)
+                              temperature=s.temperature, threshold=s.threshold, stop_at_eos=s.stop_at_eos,
+                              generator=generator, callback=callback)
     return generate_llada(model, **batch, steps=steps, block_length=s.block_length or batch["input_ids"].shape[1],
-                          temperature=s.temperature, remasking=s.sampler, threshold=s.threshold, factor=s.factor,
-                          gamma=s.gamma, cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator, callback=callback)
+                          temperature=s.temperature, remasking=s.sampler, threshold=0.9 if s.threshold is None else s.threshold,
+                          factor=s.factor, gamma=s.gamma, cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator,
+                          callback=callback)
 
 
 def runnable_others():

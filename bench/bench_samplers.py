@@ -64,18 +64,23 @@ CONFIGS = {
 }
 
 
-CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor|eb)([0-9.]*)(?:\+(prefix|dual))?(?:@([0-9.]+))?$")
+CONFIG_RE = re.compile(r"^(low_confidence|threshold|factor|eb|block)([0-9.]*)(?:\+(prefix|dual))?(?:@([0-9.]+))?$")
 
 
 def config(name):
     """(sampler, keyword arguments) of a configuration: one of CONFIGS, or low_confidence / threshold<c> /
     factor<f> / eb<gamma> (the EB-sampler's entropy bound) with an optional +prefix or +dual cache and an
     optional @<temperature> (Gumbel noise; greedy without), e.g. threshold0.5+dual, factor1.0,
-    threshold0.9+dual@1.0, eb0.5, eb1+dual; 32-token blocks."""
+    threshold0.9+dual@1.0, eb0.5, eb1+dual; 32-token blocks. For block-diffusion models (train_sft.py
+    --block_size): block (one token a step) or block<c> (threshold c within each block), in the model's
+    blocks (or --block_length's), cached exactly by the sampler itself (no +cache)."""
     if name in CONFIGS:
         return CONFIGS[name]
     m = CONFIG_RE.match(name)
-    if not m or (m.group(1) == "low_confidence") == bool(m.group(2)):
+    if not m or (m.group(1) == "low_confidence" and m.group(2)) or (m.group(1) in ("threshold", "factor", "eb")
+                                                                   and not m.group(2)):
+        return None
+    if m.group(1) == "block" and m.group(3):
         return None
     try:
         value = float(m.group(2)) if m.group(2) else None
@@ -85,6 +90,8 @@ def config(name):
     kw = dict(diffusion_steps=256, block_length=32, cache=m.group(3) or "none")
     if temperature is not None:
         kw["temperature"] = temperature
+    if m.group(1) == "block":
+        return "block", {**kw, "block_length": None, "threshold": value}
     if m.group(1) == "low_confidence":
         return "low_confidence", kw
     if m.group(1) == "eb":
@@ -202,7 +209,7 @@ def main(argv=None):
     bad = [c for c in names if config(c) is None and c != flags_name(flags)]
     if bad:
         p.error(f"--configs: unknown {', '.join(bad)} (known: {', '.join(CONFIGS)}, or low_confidence / "
-                f"threshold<c> / factor<f> / eb<gamma> with +prefix or +dual and @<temperature>)")
+                f"threshold<c> / factor<f> / eb<gamma> with +prefix or +dual and @<temperature>, block / block<c>)")
     dtype = args.dtype or default_dtype(args.device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     task = args.prompts != "corpus"

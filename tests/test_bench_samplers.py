@@ -165,7 +165,10 @@ def test_config_names():
     assert bs.config("eb1+dual") == ("eb", dict(diffusion_steps=256, block_length=32, cache="dual", gamma=1.0))
     assert bs.config("eb0+prefix@0.7") == ("eb", dict(diffusion_steps=256, block_length=32, cache="prefix", gamma=0.0,
                                                       temperature=0.7))
-    for bad in ("threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense", "threshold0.9@",
+    assert bs.config("block") == ("block", dict(diffusion_steps=256, block_length=None, cache="none", threshold=None))
+    assert bs.config("block0.9@1.0") == ("block", dict(diffusion_steps=256, block_length=None, cache="none",
+                                                       threshold=0.9, temperature=1.0))
+    for bad in ("block0.9+dual", "block+prefix", "threshold", "threshold0.5+triple", "low_confidence0.3", "factor1.2.3", "nonsense", "threshold0.9@",
                 "threshold0.9@1.2.3", "ar_greedy@1.0", "eb", "eb+dual", "eb1.2.3"):
         assert bs.config(bad) is None, bad
 

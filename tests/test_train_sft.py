@@ -151,9 +151,11 @@ def test_noisy_ids_reach_the_noisy_half(shift, impl):
         assert (wrong - got).abs().max() > 1e-3
 
 
-def reference_block_sampler(m, x, todo, B, steps):
+def reference_block_sampler(m, x, todo, B, steps, threshold=None):
     """generate_block without a cache: every step runs the training forward on [state ; state] (the state's
-    earlier blocks are clean) and takes the logits of the current block's masked positions."""
+    earlier blocks are clean) and takes the logits of the current block's masked positions. With `threshold`
+    a step commits every position at least that confident (at least one; all that is left at the block's
+    last allowed step)."""
     x = x.clone()
     blocks = sorted(set((todo.nonzero()[:, 1] // B).tolist()))
     per = -(-steps // -(-int(todo.sum()) // B))          # ceil(steps / ceil(gen_len / B)) steps per block
@@ -168,16 +170,24 @@ def reference_block_sampler(m, x, todo, B, steps):
             logits = m(block_inputs(x, x, B, m.shift), block_size=B, target_mask=still).float()
             logits[:, m.mask_token_id] = float("-inf")
             proposal, conf = propose(x, still, logits, 0.0, "low_confidence")
-            commit = commit_top(conf, sched[:, i], still)
+            if threshold is None:
+                n = sched[:, i]
+            elif i == per - 1:
+                n = still.sum(1)
+            else:
+                n = torch.tensor([max(int((conf[still] >= threshold).sum()), 1)])
+            commit = commit_top(conf, n, still)
             x = torch.where(commit, proposal, x)
             still &= ~commit
     return x
 
 
+@pytest.mark.parametrize("threshold", [None, 0.05, 0.3])
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("B", [1, 3, 4])
-def test_block_sampler_equals_uncached_training_forward(shift, B):
-    """The cached block sampler gives the tokens of a reference that runs the training forward at every step."""
+def test_block_sampler_equals_uncached_training_forward(shift, B, threshold):
+    """The cached block sampler gives the tokens of a reference that runs the training forward at every step,
+    with the even schedule and with the threshold rule (at 0.3 and 0.05 steps commit one and several tokens)."""
     torch.manual_seed(1)
     m = tiny_model(shift, seed=3)
     with torch.no_grad():
@@ -185,14 +195,43 @@ def test_block_sampler_equals_uncached_training_forward(shift, B):
             p.mul_(4)   # sharper predictions: no near-ties between tokens
     rows = [([1, 10, 11, 12, 13], 7, []), ([1, 14], 7, [15, 16])]   # different prompt lengths; a suffix
     batch = layout_rows(rows, m.mask_token_id, 0)
-    out = generate_block(m, **batch, steps=8, block_length=B)
+    out = generate_block(m, **batch, steps=8, block_length=B, threshold=threshold)
     for b, (pre, n, suf) in enumerate(rows):
         row = torch.tensor([pre + [m.mask_token_id] * n + suf])
         todo = torch.zeros_like(row, dtype=torch.bool)
         todo[0, len(pre):len(pre) + n] = True
         with torch.no_grad():
-            ref = reference_block_sampler(m, row, todo, B, 8)
+            ref = reference_block_sampler(m, row, todo, B, 8, threshold)
         assert torch.equal(out[b][batch["attention_mask"][b].bool()], ref[0])
+
+
+def test_block_sampler_threshold_commits_several_and_stops_when_every_row_has_finished():
+    """A low threshold commits several tokens a step: fewer forwards than one a token. With stop_at_eos no
+    forward runs once every row has written EOS: here the first answer token is taken as EOS, so the forwards
+    do not depend on how long the answer could have been."""
+    torch.manual_seed(1)
+    m = tiny_model(True, seed=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4)
+
+    def forwards(n, **kw):
+        batch = layout_rows([([1, 10, 11, 12, 13], n, [])], m.mask_token_id, 0)
+        calls = []
+        hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
+        out = generate_block(m, **batch, steps=n, block_length=4, **kw)
+        hook.remove()
+        return len(calls), out[0]
+
+    one_a_step, out = forwards(12)
+    assert forwards(12, threshold=0.01)[0] < one_a_step
+    eos = int(out[5])
+    seen = set()
+    for n in (12, 24, 40):
+        k, out = forwards(n, stop_at_eos=True, eos_token_id=eos)
+        assert (out[5:] == eos).all()
+        seen.add(k)
+    assert len(seen) == 1 and seen.pop() < one_a_step
 
 
 # ----------------------------------------------------------------------------- synthetic data
