@@ -1190,9 +1190,11 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     other rows of the batch) while every earlier block is clean and its keys/values cached.
     Under block-causal attention those keys never change, so the cache is exact: each step runs the
     current block only (with shift the window starts one column earlier: the last token of the block
-    before predicts the block's first token), and a finished block is run once more, clean, to extend
-    the cache. A block without positions to generate (prompt, suffix) is only cached; nothing after the
-    last generated block is run, nor anything once every row has finished (stop_at_eos). Rows may be left-padded.
+    before predicts the block's first token). The clean blocks not yet cached (the prompt's, the block
+    just finished) run in the same forward as the first step of the next block, in front of its window
+    under a 4D mask (sdpa, eager; flash-attention caches them block by block first), so a block costs
+    its steps' forwards and a prompt none of its own. Nothing after the last generated block is run, nor
+    anything once every row has finished (stop_at_eos). Rows may be left-padded.
     `threshold` (parallel decoding within the block, as Fast-dLLM v2): each step commits every masked position
     of the block whose confidence is at least `threshold`, at least one per row, and the block ends when it is
     full; its share of the steps is then an upper bound (its last allowed step commits whatever is left)."""
@@ -1213,6 +1215,9 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     cache, cached = DynamicCache(), 0
     pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
 
+    impl = model.config._attn_implementation
+    fuse = impl in ("sdpa", "eager")     # a 4D mask: the clean blocks and the step's window in one forward
+
     def run(a, b, keep):
         """Hidden states of columns [a, b) over the cache; the cache keeps their keys/values if `keep`."""
         am = None if att_r is None else torch.cat([att_r[:, :cached], att_r[:, a:b]], dim=1)
@@ -1220,6 +1225,25 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         if not keep:
             cache.crop(-(b - a))                                     # the window's keys go again
         return h
+
+    def run_fused(c, a, b):
+        """One forward: the clean columns [cached, c) (each block seeing the blocks up to its own), whose keys/values
+        stay in the cache, then the step's window [a, b) (seeing all of them and itself), whose go again.
+        The same keys, values and hidden states as caching block by block and then running the window."""
+        n1, n2 = c - cached, b - a
+        cols = torch.arange(cached, c, device=x.device) // block_length
+        q = torch.ones(n1 + n2, cached + n1 + n2, dtype=torch.bool, device=x.device)
+        q[:n1, cached:cached + n1] = cols[None, :] <= cols[:, None]
+        q[:n1, cached + n1:] = False
+        mask = q[None, None].expand(B, 1, n1 + n2, cached + n1 + n2)
+        if att_r is not None:
+            mask = mask & torch.cat([att_r[:, :c], att_r[:, a:b]], dim=1).bool()[:, None, None, :]
+        if impl == "eager":
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=x.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+        ids, p = torch.cat([x[:, cached:c], x[:, a:b]], dim=1), torch.cat([pos[:, cached:c], pos[:, a:b]], dim=1)
+        h = cached_forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=p).last_hidden_state
+        cache.crop(-n2)
+        return h[:, n1:]
 
     def head(h, still, a):
         r, p = still.nonzero(as_tuple=True)
@@ -1235,7 +1259,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         if not pending.any():
             break                                                    # every row has finished (stop_at_eos)
         lo, hi = blk * block_length, min((blk + 1) * block_length, L)
-        while cached < lo:                                           # the clean blocks before: cached, block by block
+        while cached < lo and not fuse:                              # the clean blocks before: cached, block by block
             end = min(lo, (cached // block_length + 1) * block_length)
             run(cached, end, keep=True)
             cached = end
@@ -1248,7 +1272,11 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
                 break                                                # the block is full: no more steps
             if still.any():
                 a = max(lo - s, 0)
-                logits = head(run(a, hi - s, keep=False), still, a)
+                if cached < lo:                                      # fuse: the clean blocks before go first
+                    h, cached = run_fused(lo, a, hi - s), lo
+                else:
+                    h = run(a, hi - s, keep=False)
+                logits = head(h, still, a)
                 proposal, conf = propose(x, still, logits, temperature, remasking, generator)
                 if threshold is None:
                     counts = schedule[:, i]
