@@ -1201,17 +1201,27 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     from transformers import DynamicCache
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"the block sampler's remasking must be 'low_confidence' or 'random', got {remasking!r}")
-    x, todo, att = _prepare(model, input_ids, src_mask, attention_mask)
-    generator = per_row(generator, x.shape[0])
-    x, todo = _to_left(x, att), _to_left(todo, att)
-    att_r = None if att is None else _to_left(att, att)
-    B, L = x.shape
+    x0, todo0, att = _prepare(model, input_ids, src_mask, attention_mask)
+    generator = per_row(generator, x0.shape[0])
+    if not todo0.any():
+        return input_ids.to(x0.device).clone()
+    # Each row's real tokens move right by a multiple of block_length so that the first blocks to generate of
+    # all rows share their columns: a batch then runs as many blocks as its longest row needs, not that plus
+    # the spread of its prompt lengths. Positions (col - pad) keep each token's block (blocks are by position).
+    real = torch.ones_like(todo0) if att is None else att.bool()
+    rank = real.long().cumsum(1) - 1                                   # each real token's position
+    first = torch.where(todo0, rank, rank.max() + 1).min(1).values // block_length * block_length
+    first = torch.where(todo0.any(1), first, first[todo0.any(1)].max())   # a row with nothing to generate: no shift
+    pad = first.max() - first
+    B, L = x0.shape[0], int((pad + real.sum(1)).max())
+    dest = torch.where(real, pad[:, None] + rank, L)                   # real token -> its column, the rest dropped
+    x = torch.zeros(B, L + 1, dtype=x0.dtype, device=x0.device).scatter_(1, dest, x0)[:, :L]
+    todo = torch.zeros(B, L + 1, dtype=torch.bool, device=x0.device).scatter_(1, dest, todo0)[:, :L]
+    att_r = torch.zeros(B, L + 1, dtype=torch.long, device=x0.device).scatter_(1, dest, real.long())[:, :L]
     s = int(model.shift)
     blocks = sorted(set((todo.nonzero()[:, 1] // block_length).tolist()))
-    if not blocks:
-        return input_ids.to(x.device).clone()
     per_block = math.ceil(steps / math.ceil(int(todo.sum(1).max()) / block_length))   # the same for every row
-    pos = torch.arange(L, device=x.device).expand(B, L)
+    pos = (torch.arange(L, device=x.device)[None, :] - pad[:, None]).clamp(min=0)
     cache, cached = DynamicCache(), 0
     pending, eos = todo.clone(), eos_id(model, eos_token_id) if stop_at_eos else None
 
@@ -1220,7 +1230,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
 
     def run(a, b, keep):
         """Hidden states of columns [a, b) over the cache; the cache keeps their keys/values if `keep`."""
-        am = None if att_r is None else torch.cat([att_r[:, :cached], att_r[:, a:b]], dim=1)
+        am = torch.cat([att_r[:, :cached], att_r[:, a:b]], dim=1)
         h = cached_forward(model, cache, input_ids=x[:, a:b], attention_mask=am, position_ids=pos[:, a:b]).last_hidden_state
         if not keep:
             cache.crop(-(b - a))                                     # the window's keys go again
@@ -1235,9 +1245,8 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         q = torch.ones(n1 + n2, cached + n1 + n2, dtype=torch.bool, device=x.device)
         q[:n1, cached:cached + n1] = cols[None, :] <= cols[:, None]
         q[:n1, cached + n1:] = False
-        mask = q[None, None].expand(B, 1, n1 + n2, cached + n1 + n2)
-        if att_r is not None:
-            mask = mask & torch.cat([att_r[:, :c], att_r[:, a:b]], dim=1).bool()[:, None, None, :]
+        mask = q[None, None] & torch.cat([att_r[:, :c], att_r[:, a:b]], dim=1).bool()[:, None, None, :]
+        mask[..., cached:].diagonal(dim1=-2, dim2=-1).fill_(True)     # a padding column sees itself: no empty row
         if impl == "eager":
             mask = torch.zeros(mask.shape, dtype=model.dtype, device=x.device).masked_fill(~mask, torch.finfo(model.dtype).min)
         ids, p = torch.cat([x[:, cached:c], x[:, a:b]], dim=1), torch.cat([pos[:, cached:c], pos[:, a:b]], dim=1)
@@ -1252,7 +1261,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         return logits
 
     def unmask(x_back):
-        return _to_left(x_back, att, back=True) if att is not None else x_back
+        return torch.where(real, x_back.gather(1, dest.clamp(max=L - 1)), x0)
 
     step = 0
     for blk in blocks:
@@ -1271,11 +1280,13 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
             if threshold is not None and not still.any():
                 break                                                # the block is full: no more steps
             if still.any():
-                a = max(lo - s, 0)
+                # the window: the columns whose outputs predict the block (with shift, from the column before it),
+                # up to the end of the sequence (a block cut short by the end keeps its last column)
+                a, b = max(lo - s, 0), min((blk + 1) * block_length - s, L)
                 if cached < lo:                                      # fuse: the clean blocks before go first
-                    h, cached = run_fused(lo, a, hi - s), lo
+                    h, cached = run_fused(lo, a, b), lo
                 else:
-                    h = run(a, hi - s, keep=False)
+                    h = run(a, b, keep=False)
                 logits = head(h, still, a)
                 proposal, conf = propose(x, still, logits, temperature, remasking, generator)
                 if threshold is None:

@@ -206,6 +206,28 @@ def test_block_sampler_equals_uncached_training_forward(shift, B, threshold, imp
         with torch.no_grad():
             ref = reference_block_sampler(m, row, todo, B, 8, threshold)
         assert torch.equal(out[b][batch["attention_mask"][b].bool()], ref[0])
+        alone = generate_block(m, **layout_rows([rows[b]], m.mask_token_id, 0), steps=8, block_length=B,
+                               threshold=threshold)
+        assert torch.equal(alone[0], ref[0])
+
+
+def test_block_sampler_batch_of_unequal_prompts_runs_the_longest_rows_blocks():
+    """Rows whose prompts differ in length share their blocks' columns (each row moved right by whole blocks), so
+    a batch costs the forwards of its costliest row alone, not those plus the spread of its prompt lengths."""
+    m = tiny_model(True, seed=3)
+    rows = [([1] + list(range(10, 13)), 8, []), ([1] + list(range(20, 31)), 8, [])]   # prompts of 4 and 12 tokens
+
+    def forwards(rows):
+        calls = []
+        hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
+        out = generate_block(m, **layout_rows(rows, m.mask_token_id, 0), steps=8, block_length=4)
+        hook.remove()
+        return len(calls), out
+
+    n, out = forwards(rows)
+    alone = [forwards([r]) for r in rows]
+    assert n == max(k for k, _ in alone) == 8           # 2 blocks of 4 steps; 16 if the blocks were not shared
+    assert torch.equal(out[1], alone[1][1][0]) and torch.equal(out[0, -12:], alone[0][1][0])
 
 
 def test_block_sampler_threshold_commits_several_and_stops_when_every_row_has_finished():
