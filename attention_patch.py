@@ -117,8 +117,14 @@ def anneal_attention_mask(seq_len, ratio, attention_mask=None, batch_size=1, att
     if attention_mask is not None:
         eye = torch.eye(seq_len, dtype=torch.bool, device=device)
         mask = (mask & attention_mask.bool()[:, None, None, :]) | eye
+    return kernel_mask(mask, attn_implementation, dtype)
+
+
+def kernel_mask(mask, attn_implementation, dtype):
+    """A bool 4D mask (True = attend) in the form the attention implementation takes: eager *adds* its mask
+    (additive float: 0 / finfo(dtype).min), sdpa takes the bool mask as it is."""
     if attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
 

@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import DataError, at_least, check_model_folder, first_line, one_of, real
-from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, group_rank_size, make_bidirectional,
-                             resolve_attn_implementation)
+from attention_patch import (RING, anneal_attention_mask, draw_mask_seed, group_rank_size, kernel_mask,
+                             make_bidirectional, resolve_attn_implementation)
 
 NEW_MASK_TOKEN = "<|mdm_mask|>"
 EMBEDDED_MODEL = "smollm2-135m"
@@ -471,10 +471,9 @@ class DiscreteDiffusionModel(nn.Module):
         mask = block_diffusion_mask(L, block_size, self.shift, input_ids.device)[None, None].expand(B, 1, L2, L2)
         eye = torch.eye(L2, dtype=torch.bool, device=input_ids.device)
         mask = (mask & att.bool().repeat(1, 2)[:, None, None, :]) | eye     # padded keys hidden, no empty row
-        if self.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(~mask, torch.finfo(self.dtype).min)
-        elif self.config._attn_implementation == "flash_attention_2":
+        if self.config._attn_implementation == "flash_attention_2":
             raise ValueError("block-diffusion training needs a 4D mask: use --attn_implementation sdpa or eager")
+        mask = kernel_mask(mask, self.config._attn_implementation, self.dtype)
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                           use_cache=False, is_causal=False).last_hidden_state[:, :L]
         return self._logits(hidden, target_mask)
@@ -847,6 +846,7 @@ def _step_logits(model, x, att, positions):
 
 
 CACHE_MODES = ("none", "prefix", "dual")
+THRESHOLD = 0.9          # the threshold sampler's confidence bar when --threshold is unset (Fast-dLLM's)
 
 
 def _head(model, hidden, positions, offset=0):
@@ -1078,7 +1078,7 @@ def apply_commit(x, proposal, conf, counts, still, pending, todo, eos=None):
 
 @torch.no_grad()
 def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
-                   remasking="low_confidence", threshold=0.9, factor=None, gamma=None, cache="none", cache_refresh=0,
+                   remasking="low_confidence", threshold=THRESHOLD, factor=None, gamma=None, cache="none", cache_refresh=0,
                    stop_at_eos=False, eos_token_id=None, generator=None, callback=None):
     """LLaDA sampling with semi-autoregressive blocks: the positions to generate are split, left to right,
     into blocks of block_length; each block gets steps / n_blocks steps and an even transfer schedule.
@@ -1168,17 +1168,6 @@ def generate_llada(model, input_ids, src_mask=None, attention_mask=None, steps=6
     return x
 
 
-def _to_left(x, att, back=False):
-    """Move each row's real tokens to column 0 (right padding), or back (`back`): the block sampler's
-    blocks are cut by position, so with every row starting at column 0 they share their columns."""
-    if att is None:
-        return x
-    L = x.shape[1]
-    off = L - att.long().sum(1)
-    idx = (torch.arange(L, device=x.device)[None, :] + (-off if back else off)[:, None]) % L
-    return x.gather(1, idx)
-
-
 @torch.no_grad()
 def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=64, block_length=32, temperature=0.0,
                    remasking="low_confidence", threshold=None, stop_at_eos=False, eos_token_id=None, generator=None,
@@ -1247,8 +1236,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         q[:n1, cached + n1:] = False
         mask = q[None, None] & torch.cat([att_r[:, :c], att_r[:, a:b]], dim=1).bool()[:, None, None, :]
         mask[..., cached:].diagonal(dim1=-2, dim2=-1).fill_(True)     # a padding column sees itself: no empty row
-        if impl == "eager":
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=x.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+        mask = kernel_mask(mask, impl, model.dtype)
         ids, p = torch.cat([x[:, cached:c], x[:, a:b]], dim=1), torch.cat([pos[:, cached:c], pos[:, a:b]], dim=1)
         h = cached_forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=p).last_hidden_state
         cache.crop(-n2)
@@ -1318,7 +1306,7 @@ SAMPLER_FLAGS = {   # field: (argparse type, also applied to values given from P
                      "span); block: its block length (unset: the model's block_size)"),
     "temperature": (real(0.0), "low_confidence/random/threshold/eb/block: Gumbel temperature (0 = greedy)"),
     "threshold": (real(0.0, strict=True, at_most=1.0), "threshold: commit every position at least this confident "
-                  "(unset: 0.9); block: the same within each block (unset: the even schedule of --diffusion_steps)"),
+                  f"(unset: {THRESHOLD}); block: the same within each block (unset: the even schedule of --diffusion_steps)"),
     "factor": (real(0.0, strict=True), "threshold: commit by the factor rule (n + 1)(1 - c_n) < factor instead of --threshold"),
     "gamma": (real(0.0), "eb: the entropy bound (nats): commit the most confident positions while their entropies "
               "sum, less the largest, to at most gamma (0 = one token a step, as low_confidence)"),
@@ -1418,7 +1406,7 @@ def sample(model, batch, settings, generator=None, callback=None):
                               temperature=s.temperature, threshold=s.threshold, stop_at_eos=s.stop_at_eos,
                               generator=generator, callback=callback)
     return generate_llada(model, **batch, steps=steps, block_length=s.block_length or batch["input_ids"].shape[1],
-                          temperature=s.temperature, remasking=s.sampler, threshold=0.9 if s.threshold is None else s.threshold,
+                          temperature=s.temperature, remasking=s.sampler, threshold=THRESHOLD if s.threshold is None else s.threshold,
                           factor=s.factor, gamma=s.gamma, cache=s.cache, stop_at_eos=s.stop_at_eos, generator=generator,
                           callback=callback)
 
