@@ -114,15 +114,17 @@ def anneal_attention_mask(seq_len, ratio, attention_mask=None, batch_size=1, att
     seed = draw_mask_seed(generator, device) if ratio > 0 else 0
     pos = torch.arange(seq_len, device=device)
     mask = anneal_tile(seed, ratio, pos, pos)[None, None].expand(batch_size, 1, seq_len, seq_len)
-    if attention_mask is not None:
-        eye = torch.eye(seq_len, dtype=torch.bool, device=device)
-        mask = (mask & attention_mask.bool()[:, None, None, :]) | eye
-    return kernel_mask(mask, attn_implementation, dtype)
+    return kernel_mask(mask, attn_implementation, dtype, attention_mask)
 
 
-def kernel_mask(mask, attn_implementation, dtype):
-    """A bool 4D mask (True = attend) in the form the attention implementation takes: eager *adds* its mask
-    (additive float: 0 / finfo(dtype).min), sdpa takes the bool mask as it is."""
+def kernel_mask(mask, attn_implementation, dtype, real_keys=None):
+    """A bool 4D mask [B, 1, Q, K] (True = attend) in the form the attention implementation takes: eager *adds*
+    its mask (additive float: 0 / finfo(dtype).min), sdpa takes the bool mask as it is. `real_keys` [B, K]
+    (1 = real token) hides the padded keys; each query still sees its own key (the last Q keys are the
+    queries' own, after any cached ones), so a padded row is never empty (no NaN)."""
+    if real_keys is not None:
+        mask = mask & real_keys.bool()[:, None, None, :]
+        mask[..., -mask.shape[-2]:].diagonal(dim1=-2, dim2=-1).fill_(True)
     if attn_implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask

@@ -469,11 +469,9 @@ class DiscreteDiffusionModel(nn.Module):
         att = torch.ones(B, L, dtype=torch.long, device=input_ids.device) if attention_mask is None else attention_mask
         positions = positions_from_mask(att).repeat(1, 2)
         mask = block_diffusion_mask(L, block_size, self.shift, input_ids.device)[None, None].expand(B, 1, L2, L2)
-        eye = torch.eye(L2, dtype=torch.bool, device=input_ids.device)
-        mask = (mask & att.bool().repeat(1, 2)[:, None, None, :]) | eye     # padded keys hidden, no empty row
         if self.config._attn_implementation == "flash_attention_2":
             raise ValueError("block-diffusion training needs a 4D mask: use --attn_implementation sdpa or eager")
-        mask = kernel_mask(mask, self.config._attn_implementation, self.dtype)
+        mask = kernel_mask(mask, self.config._attn_implementation, self.dtype, att.repeat(1, 2))
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                           use_cache=False, is_causal=False).last_hidden_state[:, :L]
         return self._logits(hidden, target_mask)
@@ -1234,9 +1232,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         q = torch.ones(n1 + n2, cached + n1 + n2, dtype=torch.bool, device=x.device)
         q[:n1, cached:cached + n1] = cols[None, :] <= cols[:, None]
         q[:n1, cached + n1:] = False
-        mask = q[None, None] & torch.cat([att_r[:, :c], att_r[:, a:b]], dim=1).bool()[:, None, None, :]
-        mask[..., cached:].diagonal(dim1=-2, dim2=-1).fill_(True)     # a padding column sees itself: no empty row
-        mask = kernel_mask(mask, impl, model.dtype)
+        mask = kernel_mask(q[None, None], impl, model.dtype, torch.cat([att_r[:, :c], att_r[:, a:b]], dim=1))
         ids, p = torch.cat([x[:, cached:c], x[:, a:b]], dim=1), torch.cat([pos[:, cached:c], pos[:, a:b]], dim=1)
         h = cached_forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=p).last_hidden_state
         cache.crop(-n2)
