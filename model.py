@@ -325,7 +325,7 @@ def merge_adapter(hf, adapter_path, shift=None):
     if os.path.exists(extra):
         with open(extra) as f:
             settings = json.load(f)
-        for key in ("block_size", "prompt_template"):   # what the base model's config does not say
+        for key in ("block_size", "causal_clean", "prompt_template"):   # what the base model's config does not say
             if settings.get(key):
                 setattr(hf.config, key, settings[key])
         if shift is None and "shift" in settings:
@@ -422,12 +422,13 @@ class DiscreteDiffusionModel(nn.Module):
             with open(os.path.join(path, ADAPTER_EXTRA), "w") as f:
                 json.dump({"mask_token_id": self.mask_token_id, "shift": self.shift,
                            "block_size": getattr(self.config, "block_size", None),
+                           "causal_clean": getattr(self.config, "causal_clean", None),
                            "prompt_template": getattr(self.config, "prompt_template", None)}, f, indent=1)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
     def forward(self, input_ids, attention_mask=None, attn_mask_ratio=1.0, generator=None, target_mask=None,
-                position_ids=None, output_mask=None, sp_group=None, block_size=None):
+                position_ids=None, output_mask=None, sp_group=None, block_size=None, clean_target_mask=None):
         """Logits under bidirectional attention (or annealed: causal OR Bernoulli(attn_mask_ratio)).
         attention_mask [B, L]: 1 = real token (left padding allowed; positions follow the real tokens).
         Without target_mask: raw logits [B, L, V] (with shift, row i predicts token i+1).
@@ -438,9 +439,11 @@ class DiscreteDiffusionModel(nn.Module):
         and output_mask [B, n] (bool) the rows whose logits to return, already shifted.
         block_size B (block-diffusion training): input_ids is [noisy ; clean] ([B, 2L], see block_inputs),
         run under block_diffusion_mask with the positions repeated; attention_mask and target_mask are
-        [B, L] and the logits are those of the noisy half only."""
+        [B, L] and the logits are those of the noisy half only. The config's causal_clean (train_sft.py
+        --ar_weight) runs the clean half causally; clean_target_mask [B, L] then also returns the clean half's
+        logits that predict those positions (the AR parent's next-token logits): (noisy, clean)."""
         if block_size is not None:
-            return self._block_forward(input_ids, attention_mask, target_mask, block_size)
+            return self._block_forward(input_ids, attention_mask, target_mask, block_size, clean_target_mask)
         B, L = input_ids.shape
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_mask(attention_mask)
@@ -461,20 +464,25 @@ class DiscreteDiffusionModel(nn.Module):
             return self.model.get_output_embeddings()(hidden[output_mask])
         return self._logits(hidden, target_mask)
 
-    def _block_forward(self, input_ids, attention_mask, target_mask, block_size):
+    def _block_forward(self, input_ids, attention_mask, target_mask, block_size, clean_target_mask=None):
         B, L2 = input_ids.shape
         L = L2 // 2
         if L2 != 2 * L or L < 1:
             raise ValueError(f"block-diffusion input must be [noisy ; clean] (an even length), got length {L2}")
         att = torch.ones(B, L, dtype=torch.long, device=input_ids.device) if attention_mask is None else attention_mask
         positions = positions_from_mask(att).repeat(1, 2)
-        mask = block_diffusion_mask(L, block_size, self.shift, input_ids.device)[None, None].expand(B, 1, L2, L2)
+        causal = bool(getattr(self.config, "causal_clean", False))
+        if clean_target_mask is not None and not (causal and self.shift):
+            raise ValueError("the clean half predicts the next token only when it runs causally with shift (causal_clean)")
+        mask = block_diffusion_mask(L, block_size, self.shift, input_ids.device, causal)[None, None].expand(B, 1, L2, L2)
         if self.config._attn_implementation == "flash_attention_2":
             raise ValueError("block-diffusion training needs a 4D mask: use --attn_implementation sdpa or eager")
         mask = kernel_mask(mask, self.config._attn_implementation, self.dtype, att.repeat(1, 2))
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                          use_cache=False, is_causal=False).last_hidden_state[:, :L]
-        return self._logits(hidden, target_mask)
+                                          use_cache=False, is_causal=False).last_hidden_state
+        if clean_target_mask is not None:
+            return self._logits(hidden[:, :L], target_mask), self._logits(hidden[:, L:], clean_target_mask)
+        return self._logits(hidden[:, :L], target_mask)
 
     def _logits(self, hidden, target_mask=None):
         """The LM head on all of `hidden`, or on the rows that predict target_mask's positions."""
@@ -542,7 +550,7 @@ def corrupt(input_ids, maskable, mask_token_id, generator=None, t=None, eps=SAMP
 
 
 def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_mask_ratio=1.0, generator=None,
-                   sp_group=None, block_size=None, return_logits=False):
+                   sp_group=None, block_size=None, return_logits=False, clean_targets=None):
     """The DiffuLLaMA loss: sum over masked positions of CE / t, divided by the number of masked tokens;
     also the unweighted mean CE. t is per row [B], or per position [B, L] (semi_ar_draw). `model` may be wrapped in DDP or FSDP (its forward is called). Returns
     (loss, unweighted_loss, n_masked). With sp_group (sequence parallelism: the model runs ring
@@ -552,17 +560,21 @@ def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_ma
     the rows) is this loss with t * answer_length in place of t, times n / rows (train_sft.py).
     block_size: block-diffusion training, xt is the [noisy ; clean] input of block_inputs (see forward).
     return_logits: also the logits [n_masked, V] that predict the masked tokens (row-major), for a term on them
-    (train_sft.py's certainty loss)."""
+    (train_sft.py's certainty loss).
+    clean_targets [B, L] (bool, block diffusion with causal_clean): also the clean half's logits that predict these
+    positions, last (train_sft.py --ar_weight: the AR loss of the same forward)."""
     if sp_group is not None:
         if block_size is not None or return_logits:
             raise ValueError("sequence parallelism runs neither block diffusion nor a term on the logits")
         return sequence_parallel_loss(model, input_ids, xt, masked, t, sp_group, attention_mask, attn_mask_ratio,
                                       generator)
+    extra = {} if clean_targets is None else {"clean_target_mask": clean_targets}
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
-                   target_mask=masked, block_size=block_size)
+                   target_mask=masked, block_size=block_size, **extra)
+    logits, clean = logits if extra else (logits, None)
     weight = (1.0 / t if t.dim() == 2 else (1.0 / t)[:, None].expand_as(masked))[masked]   # t per row or per token
     out = _weighted_ce(logits, input_ids[masked], weight, masked.sum())
-    return (*out, logits) if return_logits else out
+    return (*out, *([logits] if return_logits else []), *([clean] if extra else []))
 
 
 def _weighted_ce(logits, targets, weight, n):
@@ -575,21 +587,24 @@ def _weighted_ce(logits, targets, weight, n):
 # -----------------------------------------------------------------------------
 # block diffusion (dFactory / LLaDA2.0 SFT, and its sampler generate_block)
 
-def block_diffusion_mask(L, block_size, shift=False, device=None):
+def block_diffusion_mask(L, block_size, shift=False, device=None, causal_clean=False):
     """The [2L, 2L] bool attention mask (True = attend) of block-diffusion training on [noisy ; clean].
     Tokens are cut into blocks of `block_size` by position (block(p) = p // block_size). Without shift a
     noisy token of block k sees the noisy tokens of block k and the clean tokens of blocks < k; a clean
     token of block k sees the clean tokens of blocks <= k (block-causal); clean never sees noisy.
     With shift the output at column c predicts token c + 1, so the noisy columns are grouped by the
     block of the token they predict: segment(c) = (c + 1) // block_size, and a noisy column of segment
-    k sees the noisy columns of segment k and the clean tokens of blocks < k."""
+    k sees the noisy columns of segment k and the clean tokens of blocks < k.
+    causal_clean: a clean token sees the clean tokens up to itself (causal, as in the AR parent), so its output
+    can be trained to predict the next token (train_sft.py --ar_weight); the noisy half is unchanged."""
     if block_size < 1:
         raise ValueError(f"--block_size must be >= 1, got {block_size}")
     idx = torch.arange(L, device=device)
     clean_blk = idx // block_size
     noisy_seg = (idx + int(shift)) // block_size
     top = torch.cat([noisy_seg[:, None] == noisy_seg[None, :], clean_blk[None, :] < noisy_seg[:, None]], dim=1)
-    bottom = torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), clean_blk[None, :] <= clean_blk[:, None]], dim=1)
+    seen = idx if causal_clean else clean_blk
+    bottom = torch.cat([torch.zeros(L, L, dtype=torch.bool, device=device), seen[None, :] <= seen[:, None]], dim=1)
     return torch.cat([top, bottom], dim=0)
 
 
@@ -1181,7 +1196,9 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     just finished) run in the same forward as the first step of the next block, in front of its window
     under a 4D mask (sdpa, eager; flash-attention caches them block by block first), so a block costs
     its steps' forwards and a prompt none of its own. Nothing after the last generated block is run, nor
-    anything once every row has finished (stop_at_eos). Rows may be left-padded.
+    anything once every row has finished (stop_at_eos). Rows may be left-padded. A model trained with a causal
+    clean half (config causal_clean, train_sft.py --ar_weight) caches its clean tokens causally, as it was trained
+    (flash-attention: one column at a time).
     `threshold` (parallel decoding within the block, as Fast-dLLM v2): each step commits every masked position
     of the block whose confidence is at least `threshold`, at least one per row, and the block ends when it is
     full; its share of the steps is then an upper bound (its last allowed step commits whatever is left)."""
@@ -1214,6 +1231,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
 
     impl = model.config._attn_implementation
     fuse = impl in ("sdpa", "eager")     # a 4D mask: the clean blocks and the step's window in one forward
+    causal = bool(getattr(model.config, "causal_clean", False))
 
     def run(a, b, keep):
         """Hidden states of columns [a, b) over the cache; the cache keeps their keys/values if `keep`."""
@@ -1224,11 +1242,11 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
         return h
 
     def run_fused(c, a, b):
-        """One forward: the clean columns [cached, c) (each block seeing the blocks up to its own), whose keys/values
+        """One forward: the clean columns [cached, c) (each block seeing the blocks up to its own, or each column the columns up to itself with causal_clean), whose keys/values
         stay in the cache, then the step's window [a, b) (seeing all of them and itself), whose go again.
         The same keys, values and hidden states as caching block by block and then running the window."""
         n1, n2 = c - cached, b - a
-        cols = torch.arange(cached, c, device=x.device) // block_length
+        cols = torch.arange(cached, c, device=x.device) // (1 if causal else block_length)
         q = torch.ones(n1 + n2, cached + n1 + n2, dtype=torch.bool, device=x.device)
         q[:n1, cached:cached + n1] = cols[None, :] <= cols[:, None]
         q[:n1, cached + n1:] = False
@@ -1253,7 +1271,7 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
             break                                                    # every row has finished (stop_at_eos)
         lo, hi = blk * block_length, min((blk + 1) * block_length, L)
         while cached < lo and not fuse:                              # the clean blocks before: cached, block by block
-            end = min(lo, (cached // block_length + 1) * block_length)
+            end = cached + 1 if causal else min(lo, (cached // block_length + 1) * block_length)
             run(cached, end, keep=True)
             cached = end
         still = todo & pending

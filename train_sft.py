@@ -43,7 +43,10 @@ Block diffusion (--block_size B): the input is [noisy ; clean] with the position
 sees its own block's noisy tokens and the clean blocks before it, a clean token the clean blocks up to its
 own (model.block_diffusion_mask); the loss is on the noisy half. --same_token_labels: output i predicts token
 i (LLaDA2.0), else the shift convention of the model. The model's config records block_size, so
-`sample.py --sampler block` picks it up.
+`sample.py --sampler block` picks it up. --ar_weight W runs the clean half causally (each clean token sees the
+clean tokens up to itself, as in the AR parent) and adds W times the next-token cross-entropy of its outputs on
+the response tokens: the AR loss of the same forward, so every response token is trained as AR-SFT trains it
+while the noisy half learns to fill blocks (config causal_clean; the block sampler caches causally too).
 
 Parallel decoding (docs/training.md): --certainty_weight adds the entropy of the predictions already right on
 masked positions (the logits that predict position i, at i - 1 with shift), --complementary trains each row on
@@ -78,7 +81,7 @@ PROG = "train_sft.py"
 SYNTHETIC = "synthetic_arith"
 FIXED_ON_RESUME = ("model_name", "data", "batch_size", "shift", "mask_token_id", "seed", "seq_len", "pad_to",
                    "chat_template", "block_size", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
-                   "modules_to_save", "synthetic_n", "loss_norm", "ar", "complementary", "semi_ar_block")
+                   "modules_to_save", "synthetic_n", "loss_norm", "ar", "complementary", "semi_ar_block", "ar_weight")
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +103,8 @@ def build_parser():
     a("--loss_norm", default="masked", choices=["masked", "answer_length"],
       help="masked: divide by the masked tokens (DiffuLLaMA); answer_length: by each response's length, then the sequences (LLaDA)")
     a("--block_size", type=at_least(1), default=None, help="block-diffusion SFT with blocks of this many tokens")
+    a("--ar_weight", type=real(0.0), default=0.0, help="block diffusion: run the clean half causally and add this "
+      "weight times its next-token loss on the response tokens (0 = off, the block-causal clean half)")
     a("--same_token_labels", action="store_true", help="output i predicts token i (LLaDA2.0; sets --no_shift)")
     a("--lora_r", type=at_least(1), default=None, help="LoRA rank (LoRA through peft; default: full fine-tuning)")
     a("--lora_alpha", type=real(0.0, strict=True), default=None, help="LoRA alpha (default: 2 * --lora_r)")
@@ -145,6 +150,9 @@ def check_sft_args(args):
     if args.sp_size > 1 and args.block_size:
         flag_error(f"--sp_size {args.sp_size} with --block_size: ring attention takes no block-diffusion mask; "
                    f"use --sp_size 1 for block-diffusion SFT")
+    if args.ar_weight > 0 and (not args.block_size or args.same_token_labels or args.shift is False):
+        flag_error("--ar_weight trains the clean half of block diffusion to predict the next token: it needs "
+                   "--block_size and the shift (not --same_token_labels or --no_shift)")
     if args.sp_size > 1 and args.certainty_weight > 0:
         flag_error("--certainty_weight with --sp_size: the term needs each row's logits on one rank; use --sp_size 1")
     if args.ar and (args.certainty_weight > 0 or args.complementary or args.semi_ar_block):
@@ -453,6 +461,7 @@ def train(argv, stop):
            trainer.load_model(args, run, from_checkpoint=not lora))
     if args.block_size:
         raw.config.block_size = args.block_size      # saved with the model: sample.py --sampler block uses it
+        raw.config.causal_clean = args.ar_weight > 0   # and how its clean tokens see each other (training's mask)
     # saved with the model too: sample.py puts a bare question in the template the model was trained on
     raw.config.prompt_template = "chat" if args.chat_template or any("messages" in r for r in train_records) else PROMPT
     if lora:
@@ -537,18 +546,21 @@ def train(argv, stop):
                 masked, t, current = semi_ar_draw(maskable, args.semi_ar_block, run.noise)
             else:
                 (masked, t), current = noise_draw(maskable, run.noise), maskable
-            micro.append((x, masked, t, resp_len, current))
+            micro.append((x, masked, t, resp_len, current, response_targets(x, prompt, eos)))
         # --complementary: each row is trained twice, on its mask and on the rest of its response (or of its current
         # block, with --semi_ar_block), t -> 1 - t there
         n_masked = sum(int(m[1].sum() + ((m[4] & ~m[1]).sum() + (m[1] & ~m[4]).sum()) * args.complementary)
                        for m in micro)
         total = float(A * B * (2 if args.complementary else 1)) if by_length else float(max(n_masked, 1))
-        sums = torch.zeros(3, dtype=torch.float32, device=run.device)
-        for k, (x, masked, t, resp_len, current) in enumerate(micro):
-            x, masked, t, resp_len, current = (v[me].to(run.device) for v in (x, masked, t, resp_len, current))
+        # --ar_weight: the clean half's next-token CE, a mean over the step's response tokens (--ar's targets and loss)
+        n_resp = sum(int(m[5].sum()) for m in micro) * (2 if args.complementary else 1)
+        sums = torch.zeros(4, dtype=torch.float32, device=run.device)
+        for k, (x, masked, t, resp_len, current, target) in enumerate(micro):
+            x, masked, t, resp_len, current, target = (v[me].to(run.device)
+                                                       for v in (x, masked, t, resp_len, current, target))
             if args.complementary:
                 flipped = (1.0 - t).clamp(min=SAMPLING_EPS)
-                x, resp_len = torch.cat([x, x]), torch.cat([resp_len, resp_len])
+                x, resp_len, target = torch.cat([x, x]), torch.cat([resp_len, resp_len]), torch.cat([target, target])
                 masked = torch.cat([masked, (current & ~masked) | (masked & ~current)])
                 t = torch.cat([t, torch.where(current, flipped, t) if t.dim() == 2 else flipped])
             if by_length and t.dim() == 2:
@@ -560,12 +572,17 @@ def train(argv, stop):
             # divided by the step's sequences (total); as a masked-token mean with t * length in place of t, times
             # this rank's masked count, it is this rank's (or this chunk's, with --sp_size) share of that sum
             with trainer.grad_sync(run, k == A - 1), run.autocast:
-                loss, unweighted, n, *logits = diffusion_loss(run.model, x, xt, masked, t * resp_len if by_length else t,
-                                                              block_size=args.block_size, sp_group=run.sp_group,
-                                                              return_logits=args.certainty_weight > 0)
+                loss, unweighted, n, *rest = diffusion_loss(run.model, x, xt, masked, t * resp_len if by_length else t,
+                                                            block_size=args.block_size, sp_group=run.sp_group,
+                                                            return_logits=args.certainty_weight > 0,
+                                                            clean_targets=target if args.ar_weight > 0 else None)
                 objective = loss * (n * W / total)
-                if logits:   # a sum over this rank's tokens, over the step's masked tokens (all ranks)
-                    certainty, _ = certainty_term(logits[0], x[masked], args.certainty_temp)
+                if args.ar_weight > 0:
+                    ar_sum = F.cross_entropy(rest.pop().float(), x[target], reduction="sum")
+                    objective = objective + args.ar_weight * ar_sum * (W / max(n_resp, 1))
+                    sums[3] += ar_sum.detach().float()
+                if rest:   # a sum over this rank's tokens, over the step's masked tokens (all ranks)
+                    certainty, _ = certainty_term(rest[0], x[masked], args.certainty_temp)
                     objective = objective + args.certainty_weight * certainty * (W / max(n_masked, 1))
                     sums[2] += certainty.detach().float()
             objective.backward()
@@ -576,6 +593,8 @@ def train(argv, stop):
         rec = {"loss": sums[0].item() / total, "unweighted_loss": sums[1].item() / max(n_masked, 1), "n_masked": n_masked}
         if args.certainty_weight > 0:
             rec["certainty"] = sums[2].item() / max(n_masked, 1)
+        if args.ar_weight > 0:
+            rec["ar_loss"] = sums[3].item() / max(n_resp, 1)
         return rec, A * B, tokens
 
     step = trainer.train_loop(args, run, raw, optimizer, params, counters, ar_step if args.ar else step_fn, evaluate,

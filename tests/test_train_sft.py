@@ -92,7 +92,7 @@ def test_prompt_never_masked_and_both_normalisations(shift):
 
 # ----------------------------------------------------------------------------- block diffusion
 
-def brute_block_mask(L, B, shift):
+def brute_block_mask(L, B, shift, causal_clean=False):
     """The definition, one (query, key) pair at a time, on [noisy ; clean]."""
     m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
     for i in range(2 * L):
@@ -104,6 +104,8 @@ def brute_block_mask(L, B, shift):
                     m[i, j] = ((kj + 1) // B if shift else kj // B) == seg
                 else:
                     m[i, j] = kj // B < seg
+            elif causal_clean:   # a clean query: the clean tokens up to itself
+                m[i, j] = j >= L and kj <= qi
             else:            # a clean query: the clean blocks up to its own
                 m[i, j] = j >= L and kj // B <= qi // B
     return m
@@ -111,8 +113,41 @@ def brute_block_mask(L, B, shift):
 
 @pytest.mark.parametrize("L,B", [(1, 1), (5, 1), (6, 2), (7, 3), (8, 4), (9, 4), (10, 16)])
 @pytest.mark.parametrize("shift", [False, True])
-def test_block_mask_matches_definition(L, B, shift):
-    assert torch.equal(block_diffusion_mask(L, B, shift), brute_block_mask(L, B, shift))
+@pytest.mark.parametrize("causal_clean", [False, True])
+def test_block_mask_matches_definition(L, B, shift, causal_clean):
+    assert torch.equal(block_diffusion_mask(L, B, shift, causal_clean=causal_clean),
+                       brute_block_mask(L, B, shift, causal_clean))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_causal_clean_half_is_the_causal_lm(impl):
+    """With causal_clean the clean half's outputs are the causal LM's next-token logits of the clean tokens,
+    whatever the noisy half holds, and the noisy half's logits are those of the brute-force mask."""
+    torch.manual_seed(0)
+    m = tiny_model(True, impl)
+    m.config.causal_clean = True
+    L, B = 11, 2
+    x = torch.randint(5, 90, (2, L))
+    x[:, 0] = 1
+    resp = torch.zeros_like(x, dtype=torch.bool)
+    resp[:, 4:] = True
+    masked = resp & (torch.rand(2, L) < 0.5)
+    masked[:, 6] = True
+    inp = block_inputs(x, x.masked_fill(masked, m.mask_token_id), B, True)
+    with torch.no_grad():
+        noisy, clean = m(inp, block_size=B, target_mask=masked, clean_target_mask=resp)
+        causal = tiny_causal_lm("llama", impl=impl, seed=0)(input_ids=x).logits   # the AR parent, untouched
+        torch.testing.assert_close(clean, causal[:, :-1][resp[:, 1:]], rtol=1e-4, atol=1e-5)
+        mask = brute_block_mask(L, B, True, causal_clean=True)[None, None].expand(2, 1, 2 * L, 2 * L)
+        if impl == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        pos = torch.arange(L).repeat(2)[None].expand(2, 2 * L)
+        h = m.model.get_decoder()(input_ids=inp, attention_mask=mask, position_ids=pos,
+                                  is_causal=False).last_hidden_state[:, :L]
+        torch.testing.assert_close(noisy, m.model.get_output_embeddings()(h[:, :-1][masked[:, 1:]]), rtol=1e-4, atol=1e-5)
+        m.config.causal_clean = False   # the block-causal clean half sees the rest of its block: no next-token logits
+        with pytest.raises(ValueError, match="causal_clean"):
+            m(inp, block_size=B, target_mask=masked, clean_target_mask=resp)
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -184,15 +219,17 @@ def reference_block_sampler(m, x, todo, B, steps, threshold=None):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("threshold", [None, 0.05, 0.3])
-@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("shift,causal", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("B", [1, 3, 4])
-def test_block_sampler_equals_uncached_training_forward(shift, B, threshold, impl):
+def test_block_sampler_equals_uncached_training_forward(shift, causal, B, threshold, impl):
     """The cached block sampler gives the tokens of a reference that runs the training forward at every step,
     with the even schedule and with the threshold rule (at 0.3 and 0.05 steps commit one and several tokens).
     Its forwards put the clean blocks not yet cached (the prompt's, the block just finished) in front of the
-    step's window under a 4D mask: a wrong mask changes the cached keys and the tokens."""
+    step's window under a 4D mask: a wrong mask changes the cached keys and the tokens. A causal_clean model
+    (train_sft.py --ar_weight) caches its clean tokens causally, as its training forward runs them."""
     torch.manual_seed(1)
     m = tiny_model(shift, impl=impl, seed=3)
+    m.config.causal_clean = causal
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(4)   # sharper predictions: no near-ties between tokens
@@ -276,12 +313,13 @@ def test_synthetic_arith_seeded_disjoint_and_correct():
 
 # ----------------------------------------------------------------------------- fine-tuning a toy mapping
 
-@pytest.mark.parametrize("mode", ["full", "lora", "block"])
+@pytest.mark.parametrize("mode", ["full", "lora", "block", "block_ar"])
 def test_toy_mapping_is_learnt(mode, setup):
     """A few hundred steps on six prompt -> answer pairs: the sampler then answers every prompt."""
     out = setup["dir"] / f"toy_{mode}"
     extra = {"full": [], "lora": ["--lora_r", "8", "--modules_to_save", "embed_tokens", "--lr", "1e-2", "--min_lr", "1e-3"],
-             "block": ["--block_size", "2"]}[mode]
+             "block": ["--block_size", "2"], "block_ar": ["--block_size", "2", "--ar_weight", "1"]}[mode]
+    block = mode.startswith("block")
     train_sft.main(common(setup, out, "--max_steps", "300", "--eval_data", setup["data"], "--eval_every", "300",
                           "--save_every", "0", *extra))
     log = read_log(out)
@@ -290,17 +328,17 @@ def test_toy_mapping_is_learnt(mode, setup):
     from model import SamplerSettings, sample
     kw = {"adapter_path": str(out / "final")} if mode == "lora" else {}
     m = DiscreteDiffusionModel.from_pretrained(setup["model"] if mode == "lora" else str(out / "final"), **kw).eval()
-    if mode == "block":
-        assert m.config.block_size == 2
+    if block:
+        assert m.config.block_size == 2 and m.config.causal_clean == (mode == "block_ar")
     tok = m.tokenizer
     batch = layout_rows([([tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(r["instruction"]), add_special_tokens=False),
                           4, []) for r in TOY], m.mask_token_id, tok.eos_token_id)
-    got = sample(m, batch, SamplerSettings(sampler="block" if mode == "block" else "low_confidence", diffusion_steps=4,
+    got = sample(m, batch, SamplerSettings(sampler="block" if block else "low_confidence", diffusion_steps=4,
                                            stop_at_eos=True))
     for b, r in enumerate(TOY):
         text = tok.decode(got[b][~batch["src_mask"][b]].tolist(), skip_special_tokens=True)
         assert text.split() == r["output"].split()
-    if mode == "block":   # sample.py picks the block size up from the config
+    if block:   # sample.py picks the block size up from the config
         import sample as sample_py
         res = sample_py.main(["--model_name", str(out / "final"), "--sampler", "block", "--gen_len", "4",
                               "--diffusion_steps", "4", "--stop_at_eos", "--prompt", train_sft.PROMPT.format(TOY[0]["instruction"])])
@@ -350,6 +388,8 @@ def test_lora_adapter_save_load_merge_identical(setup):
     (["--pad_to", "7"], r"--data .*toy.json record 1: prompt \+ response \+ EOS = \d+ tokens, more than --pad_to 7"),
     (["--sampler", "block"], r"--sampler block .* needs --block_size"),
     (["--fsdp", "--lora_r", "4"], r"--fsdp with --lora_r: LoRA trains a small adapter"),
+    (["--ar_weight", "1"], r"--ar_weight .* needs --block_size and the shift"),
+    (["--ar_weight", "1", "--block_size", "2", "--same_token_labels"], r"--ar_weight .* needs --block_size and the shift"),
 ])
 def test_bad_flags_one_line(extra, pattern, setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -393,7 +433,7 @@ def test_ddp_two_processes_match_one(setup):
     """torchrun --nproc_per_node=2 (gloo), global batch 6 with dynamic padding and grad_accum 2 = one process,
     for both normalisations (answer_length here) and block mode."""
     extra = ["--max_steps", "3", "--grad_accum", "2", "--loss_norm", "answer_length", "--block_size", "3",
-             "--eval_data", setup["data"], "--eval_every", "3", "--eval_batch_size", "2"]
+             "--ar_weight", "0.5", "--eval_data", setup["data"], "--eval_every", "3", "--eval_batch_size", "2"]
     ddp, single = setup["dir"] / "ddp", setup["dir"] / "single"
     torchrun2("train_sft.py", common(setup, ddp, *extra), subprocess_env())
     train_sft.main(common(setup, single, *extra))
@@ -401,7 +441,7 @@ def test_ddp_two_processes_match_one(setup):
     la, lb = read_log(ddp), read_log(single)
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):
-        for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked"):
+        for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked", "ar_loss"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-5)
 
@@ -425,7 +465,7 @@ def test_scaleout_two_processes_match_one(setup, name, scaleout, shared):
     la, lb = read_log(multi), read_log(single)
     assert len(la) == len(lb) == 4 and "eval_accuracy" in la[-1]
     for x, y in zip(la, lb):
-        for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked"):
+        for k in ("loss", "unweighted_loss", "grad_norm", "eval_accuracy", "n_masked", "ar_loss"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (k, x, y)
 
@@ -452,28 +492,49 @@ def test_ar_loss_is_the_causal_loss_on_response_tokens(setup, tmp_path):
     """train_sft.py --ar, one step of 2 micro-batches: the logged loss is the mean next-token cross-entropy of
     the base causal LM over the step's response tokens (up to and including each response's EOS), computed here
     from the model's logits one position at a time; prompt and padding positions carry none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import trainer
     out = tmp_path / "ar"
     train_sft.main(common(setup, out, "--ar", "--max_steps", "1", "--batch_size", "2", "--grad_accum", "2",
                           "--eval_every", "0"))
     logged = read_log(out)[0]
-    tok = AutoTokenizer.from_pretrained(setup["model"])
-    hf = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    nll, count = hand_causal_ce(setup["model"], TOY)
+    assert logged["n_targets"] == count
+    assert logged["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_block_ar_weight_logs_the_causal_loss(setup, tmp_path):
+    """--block_size 2 --ar_weight: the logged ar_loss of the first step is the AR parent's next-token
+    cross-entropy over the step's response tokens, the number --ar logs: the clean half is the causal LM.
+    Responses of unequal lengths: the EOS padding of the shorter rows carries none."""
+    recs = [{"instruction": r["instruction"], "output": " ".join([r["output"]] * (1 + i % 3))} for i, r in enumerate(TOY)]
+    data = tmp_path / "uneven.json"
+    data.write_text(json.dumps(recs))
+    out = tmp_path / "blk"
+    train_sft.main(common(setup, out, "--block_size", "2", "--ar_weight", "0.5", "--max_steps", "1", "--batch_size", "2",
+                          "--grad_accum", "2", "--eval_every", "0", "--data", str(data)))
+    nll, count = hand_causal_ce(setup["model"], recs)
+    assert read_log(out)[0]["ar_loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def hand_causal_ce(model, recs):
+    """(summed next-token NLL, count) of the base causal LM over the response tokens (each up to its EOS) of the
+    first step's two micro-batches of 2 records, one position at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import trainer
+    tok = AutoTokenizer.from_pretrained(model)
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
     eos = tok.eos_token_id
     nll, count = 0.0, 0
     for start in (0, 2):
-        for i in trainer.stream_indices(len(TOY), start, 2, 1337):
-            p = [tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(TOY[i]["instruction"]), add_special_tokens=False)
-            r = tok.encode(" " + TOY[i]["output"], add_special_tokens=False) + [eos]
+        for i in trainer.stream_indices(len(recs), start, 2, 1337):
+            p = [tok.bos_token_id] + tok.encode(train_sft.PROMPT.format(recs[i]["instruction"]), add_special_tokens=False)
+            r = tok.encode(" " + recs[i]["output"], add_special_tokens=False) + [eos]
             x = torch.tensor([p + r])
             with torch.no_grad():
                 logp = F.log_softmax(hf(x).logits[0].float(), -1)
             for j in range(len(p), len(p) + len(r)):
                 nll -= logp[j - 1, x[0, j]].item()
                 count += 1
-    assert logged["n_targets"] == count
-    assert logged["loss"] == pytest.approx(nll / count, rel=1e-5)
+    return nll, count
 
 
 def test_ar_baseline_learns_generates_and_loads(setup, capsys):
