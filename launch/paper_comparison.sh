@@ -2,14 +2,15 @@
 # The paper's comparison at our scale, end to end: adapt the AR parent on general text (wiki_demo + c4_demo),
 # score the adapted model beside its parent on LAMBADA (every checkpoint, all lines) and the zero-shot suite,
 # write the ratio table and its plot, then fine-tune both models on GSM8K at the same budget and answer its
-# test problems (docs/evaluation.md#the-papers-comparison-in-one-command).
+# test problems, and beside them block diffusion from the parent with the AR loss on its clean half
+# (docs/evaluation.md#the-papers-comparison-in-one-command).
 #
 #   bash launch/paper_comparison.sh                                   # everything: a GPU's job
 #   STAGES="adapt lambada" bash launch/paper_comparison.sh            # only some stages
 #   OUT=out/paper2 ADAPT_STEPS=640 SFT_STEPS=5600 bash launch/paper_comparison.sh
 #
 # Environment (all optional): MODEL (the AR parent, default smollm2-135m), DATA_DIR (../shared/data: the
-# corpora, the task files and GSM8K), OUT (out/paper), STAGES (any of: adapt lambada zeroshot table gsm8k;
+# corpora, the task files and GSM8K), OUT (out/paper), STAGES (any of: adapt lambada zeroshot table gsm8k block;
 # default all in that order), ADAPT_STEPS (320 steps of BATCH x SEQ_LEN tokens: 5.2M tokens), BATCH (32),
 # SEQ_LEN (512), ANNEAL (annealing steps, 60), SAVE_EVERY (40), TASKS (the suite), LIMIT (examples a task, 500),
 # MC_NUM (ELBO draws, 32), SFT_STEPS (GSM8K steps of both models at batch 8: 2800, three epochs of the 7,473
@@ -26,7 +27,7 @@ DATA_DIR="${DATA_DIR:-../shared/data}"
 [ -d "$DATA_DIR" ] || { echo "paper_comparison.sh: DATA_DIR $DATA_DIR: no such folder (see ../shared/data/README.md)" >&2; exit 2; }
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
 OUT="${OUT:-out/paper}"
-STAGES="${STAGES:-adapt lambada zeroshot table gsm8k}"
+STAGES="${STAGES:-adapt lambada zeroshot table gsm8k block}"
 ADAPT_STEPS="${ADAPT_STEPS:-320}"
 BATCH="${BATCH:-32}"
 SEQ_LEN="${SEQ_LEN:-512}"
@@ -86,4 +87,16 @@ if has gsm8k; then
   python bench/bench_samplers.py --model_name "$OUT/gsm8k/sft" --ar_model "$OUT/gsm8k/ar" --prompts "$DATA_DIR/gsm8k_test.json" \
     --n_prompts "$N_TEST" --batch_sizes 8 --gen_len "$GEN_LEN" --block_length "$BLOCK" --configs ar_greedy,threshold0.9+dual,low_confidence \
     --dtype float32 --results "$OUT/gsm8k_bench.jsonl" --answers "$OUT/gsm8k_answers.jsonl"
+fi
+
+# GSM8K block diffusion from the parent itself: blocks of 2, the clean half causal and trained with the AR loss
+# (train_sft.py --ar_weight 1), the data, steps and schedule of the two runs above; its test answers one token a
+# step and with threshold 0.5 (the AR-SFT row is in gsm8k_bench.jsonl)
+if has block; then
+  python train_sft.py --model_name "$MODEL" --data "$DATA_DIR/gsm8k_train.json" --block_size 2 --ar_weight 1 \
+    --batch_size 8 --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len "$SFT_SEQ_LEN" --keep_last 1 --dtype "$DTYPE" \
+    --max_steps "$SFT_STEPS" --eval_every 0 --save_every 120 --out_dir "$OUT/gsm8k/block" $(resume "$OUT/gsm8k/block")
+  python bench/bench_samplers.py --model_name "$OUT/gsm8k/block/final" --prompts "$DATA_DIR/gsm8k_test.json" \
+    --n_prompts "$N_TEST" --batch_sizes 8 --gen_len "$GEN_LEN" --configs block,block0.5 --dtype float32 \
+    --results "$OUT/gsm8k_block_bench.jsonl" --answers "$OUT/gsm8k_block_answers.jsonl"
 fi

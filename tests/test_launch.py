@@ -61,8 +61,9 @@ def test_a_missing_model_or_data_folder_is_one_line(tmp_path):
 def test_paper_comparison_runs_every_stage(tmp_path):
     """launch/paper_comparison.sh on a tiny model and tiny copies of the shared files: the adaptation, LAMBADA of
     the parent and of every checkpoint, the suite of both, the ratio table and plot, AR-SFT and diffusion SFT on
-    GSM8K and their answers (the AR-SFT baseline starting from the adapted checkpoint's AR parent); run again, it
-    continues the finished adaptation and trains nothing."""
+    GSM8K and their answers (the AR-SFT baseline starting from the adapted checkpoint's AR parent), block diffusion
+    with the AR loss from the parent and its answers; run again, it continues the finished adaptation and trains
+    nothing."""
     from test_eval_zeroshot import LAMBADA, RECORDS, write_jsonl
     rng = random.Random(0)
     data = tmp_path / "data"
@@ -94,6 +95,11 @@ def test_paper_comparison_runs_every_stage(tmp_path):
     rows = [json.loads(line) for line in (out / "gsm8k_bench.jsonl").read_text().splitlines()]
     assert sorted(r["config"] for r in rows) == ["ar_greedy", "low_confidence", "threshold0.9+dual"]
     assert all(r["n_prompts"] == 2 and r["accuracy"] is not None for r in rows)
+    args = json.loads((out / "gsm8k" / "block" / "args.json").read_text())
+    assert (args["model_name"], args["block_size"], args["ar_weight"]) == (env["MODEL"], 2, 1.0)
+    assert json.loads((out / "gsm8k" / "block" / "final" / "config.json").read_text())["causal_clean"] is True
+    rows = [json.loads(line) for line in (out / "gsm8k_block_bench.jsonl").read_text().splitlines()]
+    assert sorted(r["config"] for r in rows) == ["block", "block0.5"] and all(r["n_prompts"] == 2 for r in rows)
     log = (out / "adapt" / "log.jsonl").read_text()
     r = subprocess.run(["bash", script], cwd=ROOT, env=dict(env, STAGES="adapt"), capture_output=True, text=True,
                        timeout=600)
