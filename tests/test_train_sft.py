@@ -679,10 +679,11 @@ def test_distill_stops_at_once_on_a_signal(setup, tmp_path):
     import subprocess
     target = tmp_path / "distilled.json"
     code = ("import os, signal, time, train_sft\n"
-            "train_sft.answer = lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))\n"
+            "train_sft.answer = lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(900))\n"
             f"train_sft.main(['--model_name', {setup['model']!r}, '--data', {setup['data']!r}, '--distill', {str(target)!r}])\n")
+    # a run that did not stop at once would sleep past the timeout; the margin is for starting Python on a busy machine
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=25)
+                       timeout=300)
     assert r.returncode == -signal.SIGTERM, r.stderr[-1000:]
     assert not target.exists()
 
