@@ -8,8 +8,9 @@ PNG plots of training logs and benchmark results (matplotlib, no display needed)
     python bench/plot.py accuracy bench/results/sort_sft.jsonl bench/results/sort_certainty.jsonl --out acc.png
     python bench/plot.py ratios ratios.jsonl --out bench/plots/zeroshot_ratios.png
 
-loss: training loss, validation loss (val_loss) and the learning rate against the step from the log.jsonl
-of train_adapt.py or train_sft.py (a third panel for eval_accuracy when a log has it). Lines without any
+loss: training loss, validation loss (val_loss), the clean half's AR loss (ar_loss, train_sft.py --ar_weight;
+dotted) and the learning rate against the step from the log.jsonl of train_adapt.py or train_sft.py (a third
+panel for eval_accuracy when a log has it). Lines without any
 of these (e.g. {"step": 60, "stopped": "SIGTERM"}) are skipped.
 
 lambada: LAMBADA accuracy against tokens of adaptation, one line per "run" (log x axis), from JSON lines
@@ -94,7 +95,7 @@ def text(r, key, path, i):
     return r[key]
 
 
-LOG_KEYS = ("loss", "val_loss", "lr", "eval_accuracy")
+LOG_KEYS = ("loss", "val_loss", "ar_loss", "lr", "eval_accuracy")
 
 
 def loss_series(path):
@@ -236,6 +237,8 @@ def draw_loss(paths):
         color = f"C{n % 10}"
         if "loss" in s:
             axes[0].plot(*s["loss"], color=color, lw=1, alpha=0.8, label=f"{name}: training loss")
+        if "ar_loss" in s:   # train_sft.py --ar_weight: the next-token loss of the clean half, beside --ar's loss
+            axes[0].plot(*s["ar_loss"], color=color, ls=":", lw=1, alpha=0.8, label=f"{name}: AR loss of the clean half")
         if "val_loss" in s:
             axes[0].plot(*s["val_loss"], color=color, ls="--", marker="o", ms=4, label=f"{name}: validation loss")
         if "lr" in s:

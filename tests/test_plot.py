@@ -28,8 +28,8 @@ LOG = [{"step": 0, "val_loss": 25.806, "val_unweighted_loss": 10.1},
        {"step": 2, "loss": 22.25, "lr": 2e-5, "grad_norm": 2.5, "val_loss": 21.0, "val_unweighted_loss": 9.0},
        {"step": 3, "loss": 21.0, "lr": 3e-5, "grad_norm": 2.0},
        {"step": 3, "stopped": "SIGTERM"}]
-SFT_LOG = [{"step": 0, "eval_accuracy": 0.0}, {"step": 1, "loss": 3.5, "lr": 1e-4},
-           {"step": 2, "loss": 2.75, "lr": 1e-4, "eval_accuracy": 0.25}]
+SFT_LOG = [{"step": 0, "eval_accuracy": 0.0}, {"step": 1, "loss": 3.5, "ar_loss": 1.5, "lr": 1e-4},
+           {"step": 2, "loss": 2.75, "ar_loss": 1.25, "lr": 1e-4, "eval_accuracy": 0.25}]   # ar_loss: --ar_weight
 LAMBADA = [{"run": "AR parent", "ar": True, "tokens": 0, "accuracy": 0.2282, "stderr": 0.0058, "lines": 5153},
            {"run": "untrained", "tokens": 0, "accuracy": 0.0906, "lines": 5153},
            {"run": "gpu", "tokens": 2000, "accuracy": 0.21, "stderr": 0.006, "lines": 5153},
@@ -73,7 +73,7 @@ def test_loss_plot_draws_the_log(tmp_path):
     drawn = {ln.get_label(): ln.get_xydata().tolist() for ln in loss_ax.get_lines()}
     assert drawn == {"adapt: training loss": [[1, 24.5], [2, 22.25], [3, 21.0]],
                      "adapt: validation loss": [[0, 25.806], [2, 21.0]],
-                     "sft: training loss": [[1, 3.5], [2, 2.75]]}
+                     "sft: training loss": [[1, 3.5], [2, 2.75]], "sft: AR loss of the clean half": [[1, 1.5], [2, 1.25]]}
     assert {ln.get_label(): ln.get_xydata().tolist() for ln in lr_ax.get_lines()} == {
         "adapt": [[1, 1e-5], [2, 2e-5], [3, 3e-5]], "sft": [[1, 1e-4], [2, 1e-4]]}
     assert [ln.get_xydata().tolist() for ln in acc_ax.get_lines()] == [[[0, 0.0], [2, 0.25]]]
