@@ -721,13 +721,16 @@ def test_ar_lora_run_samples_with_its_template(setup, tmp_path):
 
 
 def test_lora_adapter_carries_the_prompt_template(setup, tmp_path):
-    """A diffusion LoRA run keeps its prompt template in dlm_config.json; loading base + adapter puts it on the
-    merged model's config, so sample.py applies it as for a full run."""
+    """A diffusion LoRA run keeps its prompt template, block size and causal clean half (--ar_weight) in
+    dlm_config.json; loading base + adapter puts them on the merged model's config, so sample.py applies them as
+    for a full run."""
     out = tmp_path / "lora"
-    train_sft.main(common(setup, out, "--max_steps", "1", "--lora_r", "4", "--eval_every", "0"))
-    assert json.loads((out / "final" / "dlm_config.json").read_text())["prompt_template"] == train_sft.PROMPT
+    train_sft.main(common(setup, out, "--max_steps", "1", "--lora_r", "4", "--eval_every", "0", "--block_size", "2",
+                          "--ar_weight", "1"))
+    extra = json.loads((out / "final" / "dlm_config.json").read_text())
+    assert (extra["prompt_template"], extra["block_size"], extra["causal_clean"]) == (train_sft.PROMPT, 2, True)
     m = DiscreteDiffusionModel.from_pretrained(str(out))
-    assert m.config.prompt_template == train_sft.PROMPT
+    assert (m.config.prompt_template, m.config.block_size, m.config.causal_clean) == (train_sft.PROMPT, 2, True)
 
 
 def test_semi_ar_draw_by_hand():
