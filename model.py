@@ -444,6 +444,8 @@ class DiscreteDiffusionModel(nn.Module):
         logits that predict those positions (the AR parent's next-token logits): (noisy, clean)."""
         if block_size is not None:
             return self._block_forward(input_ids, attention_mask, target_mask, block_size, clean_target_mask)
+        if clean_target_mask is not None:
+            raise ValueError("clean_target_mask belongs to block-diffusion training (block_size)")
         B, L = input_ids.shape
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_mask(attention_mask)
@@ -568,13 +570,12 @@ def diffusion_loss(model, input_ids, xt, masked, t, attention_mask=None, attn_ma
             raise ValueError("sequence parallelism runs neither block diffusion nor a term on the logits")
         return sequence_parallel_loss(model, input_ids, xt, masked, t, sp_group, attention_mask, attn_mask_ratio,
                                       generator)
-    extra = {} if clean_targets is None else {"clean_target_mask": clean_targets}
     logits = model(xt, attention_mask=attention_mask, attn_mask_ratio=attn_mask_ratio, generator=generator,
-                   target_mask=masked, block_size=block_size, **extra)
-    logits, clean = logits if extra else (logits, None)
+                   target_mask=masked, block_size=block_size, clean_target_mask=clean_targets)
+    logits, *clean = logits if clean_targets is not None else (logits,)
     weight = (1.0 / t if t.dim() == 2 else (1.0 / t)[:, None].expand_as(masked))[masked]   # t per row or per token
     out = _weighted_ce(logits, input_ids[masked], weight, masked.sum())
-    return (*out, *([logits] if return_logits else []), *([clean] if extra else []))
+    return (*out, *([logits] if return_logits else []), *clean)
 
 
 def _weighted_ce(logits, targets, weight, n):

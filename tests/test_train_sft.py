@@ -119,6 +119,18 @@ def test_block_mask_matches_definition(L, B, shift, causal_clean):
                        brute_block_mask(L, B, shift, causal_clean))
 
 
+def hand_block_hidden(m, inp, mask, impl):
+    """The decoder run by hand on [noisy ; clean] ([rows, 2L]) under a bool [2L, 2L] mask (additive for eager),
+    the positions repeated: the noisy half's hidden states."""
+    R, L = inp.shape[0], inp.shape[1] // 2
+    mask = mask[None, None].expand(R, 1, 2 * L, 2 * L)
+    if impl == "eager":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    pos = torch.arange(L).repeat(2)[None].expand(R, 2 * L)
+    return m.model.get_decoder()(input_ids=inp, attention_mask=mask, position_ids=pos,
+                                 is_causal=False).last_hidden_state[:, :L]
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_causal_clean_half_is_the_causal_lm(impl):
     """With causal_clean the clean half's outputs are the causal LM's next-token logits of the clean tokens,
@@ -138,12 +150,7 @@ def test_causal_clean_half_is_the_causal_lm(impl):
         noisy, clean = m(inp, block_size=B, target_mask=masked, clean_target_mask=resp)
         causal = tiny_causal_lm("llama", impl=impl, seed=0)(input_ids=x).logits   # the AR parent, untouched
         torch.testing.assert_close(clean, causal[:, :-1][resp[:, 1:]], rtol=1e-4, atol=1e-5)
-        mask = brute_block_mask(L, B, True, causal_clean=True)[None, None].expand(2, 1, 2 * L, 2 * L)
-        if impl == "eager":
-            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-        pos = torch.arange(L).repeat(2)[None].expand(2, 2 * L)
-        h = m.model.get_decoder()(input_ids=inp, attention_mask=mask, position_ids=pos,
-                                  is_causal=False).last_hidden_state[:, :L]
+        h = hand_block_hidden(m, inp, brute_block_mask(L, B, True, causal_clean=True), impl)
         torch.testing.assert_close(noisy, m.model.get_output_embeddings()(h[:, :-1][masked[:, 1:]]), rtol=1e-4, atol=1e-5)
         m.config.causal_clean = False   # the block-causal clean half sees the rest of its block: no next-token logits
         with pytest.raises(ValueError, match="causal_clean"):
@@ -168,17 +175,12 @@ def test_noisy_ids_reach_the_noisy_half(shift, impl):
     assert torch.equal(inp[:, L:], x)
     with torch.no_grad():
         got = m(inp, block_size=B, target_mask=masked)
-        mask = brute_block_mask(L, B, shift)[None, None].expand(2, 1, 2 * L, 2 * L)
-        if impl == "eager":
-            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         noisy = xt.clone()
         if shift:   # the first column of each noisy segment is the clean last token of the block before
             for c in range(L):
                 if (c + 1) % B == 0:
                     noisy[:, c] = x[:, c]
-        pos = torch.arange(L).repeat(2)[None].expand(2, 2 * L)
-        h = m.model.get_decoder()(input_ids=torch.cat([noisy, x], 1), attention_mask=mask, position_ids=pos,
-                                  is_causal=False).last_hidden_state[:, :L]
+        h = hand_block_hidden(m, torch.cat([noisy, x], 1), brute_block_mask(L, B, shift), impl)
         h = h[:, :-1][masked[:, 1:]] if shift else h[masked]
         want = m.model.get_output_embeddings()(h)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
