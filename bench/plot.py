@@ -3,6 +3,7 @@ PNG plots of training logs and benchmark results (matplotlib, no display needed)
 
     python bench/plot.py loss out/quickstart/log.jsonl --out bench/plots/quickstart_loss.png
     python bench/plot.py loss out/adapt/log.jsonl out/sft/log.jsonl --out loss.png    # overlaid, labelled by folder
+    python bench/plot.py loss out/a/log.jsonl out/b/log.jsonl --smooth 50 --out loss.png   # means of the last 50 steps
     python bench/plot.py lambada bench/results/lambada_tokens.jsonl --out bench/plots/lambada_tokens.png
     python bench/plot.py speed bench/results/samplers_cpu.jsonl --out bench/plots/sampler_speed.png
     python bench/plot.py accuracy bench/results/sort_sft.jsonl bench/results/sort_certainty.jsonl --out acc.png
@@ -11,7 +12,9 @@ PNG plots of training logs and benchmark results (matplotlib, no display needed)
 loss: training loss, validation loss (val_loss), the clean half's AR loss (ar_loss, train_sft.py --ar_weight;
 dotted) and the learning rate against the step from the log.jsonl of train_adapt.py or train_sft.py (a third
 panel for eval_accuracy when a log has it). Lines without any
-of these (e.g. {"step": 60, "stopped": "SIGTERM"}) are skipped.
+of these (e.g. {"step": 60, "stopped": "SIGTERM"}) are skipped. --smooth N draws each training loss (loss,
+ar_loss) as the mean of its last N logged values, so runs whose per-step losses differ by less than their noise
+compare; validation loss, learning rate and accuracy are drawn as logged.
 
 lambada: LAMBADA accuracy against tokens of adaptation, one line per "run" (log x axis), from JSON lines
 with run, tokens, accuracy and optional stderr, lines (how many LAMBADA lines were scored) and ar.
@@ -225,8 +228,18 @@ def short(model):
 # -----------------------------------------------------------------------------
 # drawing: each returns the Figure, so the tests can read back what was drawn
 
-def draw_loss(paths):
+def trailing_mean(values, n):
+    """values[i] replaced by the mean of values[max(0, i - n + 1)..i]: the first n - 1 are means of fewer."""
+    windows = [values[max(0, i - n + 1):i + 1] for i in range(len(values))]
+    return [sum(w) / len(w) for w in windows]
+
+
+def draw_loss(paths, smooth=1):
     logs = [(p, loss_series(p)) for p in paths]
+    for _, s in logs:
+        for k in ("loss", "ar_loss"):
+            if k in s and smooth > 1:
+                s[k] = (s[k][0], trailing_mean(s[k][1], smooth))
     names = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
     if len(set(names)) < len(names):   # two runs named alike in different places: show the path
         names = [os.path.dirname(p) or "." for p in paths]
@@ -246,7 +259,8 @@ def draw_loss(paths):
         if "eval_accuracy" in s:
             axes[2].plot(*s["eval_accuracy"], color=color, marker="o", ms=4, label=name)
     axes[0].set_ylabel("loss")
-    axes[0].set_title("Training and validation loss" if len(paths) > 1 else f"{names[0]}: training and validation loss")
+    title = "Training and validation loss" if len(paths) > 1 else f"{names[0]}: training and validation loss"
+    axes[0].set_title(title + (f" (training: mean of the last {smooth} steps)" if smooth > 1 else ""))
     axes[0].legend(fontsize=8)
     axes[1].set_ylabel("learning rate")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
@@ -382,9 +396,14 @@ def main(argv=None):
         q.add_argument("files", nargs="+" if kind in ("loss", "accuracy") else 1, help=helps)
         q.add_argument("--out", required=True, help="the PNG to write (its folder must exist)")
         q.add_argument("--dpi", type=int, default=120)
+        if kind == "loss":
+            q.add_argument("--smooth", type=int, default=1,
+                           help="draw each training loss as the mean of its last N logged values (default 1: as logged)")
     args = p.parse_args(argv)
     check_output_file(args.out, lambda m: p.error(m))
-    draw = dict(loss=lambda: draw_loss(args.files), lambada=lambda: draw_lambada(args.files[0]),
+    if args.kind == "loss" and args.smooth < 1:
+        p.error(f"--smooth {args.smooth}: the number of steps to average must be at least 1")
+    draw = dict(loss=lambda: draw_loss(args.files, args.smooth), lambada=lambda: draw_lambada(args.files[0]),
                 speed=lambda: draw_speed(args.files[0]), accuracy=lambda: draw_accuracy(args.files),
                 ratios=lambda: draw_ratios(args.files[0]))[args.kind]
     try:

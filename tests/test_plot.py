@@ -79,6 +79,24 @@ def test_loss_plot_draws_the_log(tmp_path):
     assert [ln.get_xydata().tolist() for ln in acc_ax.get_lines()] == [[[0, 0.0], [2, 0.25]]]
 
 
+def test_smoothed_loss_plot_draws_trailing_means_of_the_training_losses(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "adapt" / "log.jsonl", LOG)
+    b = write_jsonl(tmp_path / "sft" / "log.jsonl", SFT_LOG)
+    loss_ax, lr_ax, _ = plot.draw_loss([a, b], smooth=2).axes
+    drawn = {ln.get_label(): ln.get_xydata().tolist() for ln in loss_ax.get_lines()}
+    assert drawn == {"adapt: training loss": [[1, 24.5], [2, (24.5 + 22.25) / 2], [3, (22.25 + 21.0) / 2]],
+                     "adapt: validation loss": [[0, 25.806], [2, 21.0]],   # as logged
+                     "sft: training loss": [[1, 3.5], [2, (3.5 + 2.75) / 2]],
+                     "sft: AR loss of the clean half": [[1, 1.5], [2, (1.5 + 1.25) / 2]]}
+    assert {ln.get_label(): ln.get_xydata().tolist() for ln in lr_ax.get_lines()}["adapt"] == [[1, 1e-5], [2, 2e-5], [3, 3e-5]]
+    assert "mean of the last 2 steps" in loss_ax.get_title()
+    assert plot.trailing_mean([1.0, 2.0, 4.0, 8.0], 3) == [1.0, 1.5, 7 / 3, 14 / 3]
+    assert plot.trailing_mean([1.0, 2.0], 1) == [1.0, 2.0]
+    with pytest.raises(SystemExit) as e:
+        plot.main(["loss", a, "--smooth", "0", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "--smooth 0" in capsys.readouterr().err
+
+
 def test_lambada_plot_draws_the_file(tmp_path):
     fig = plot.draw_lambada(write_jsonl(tmp_path / "lambada.jsonl", LAMBADA))
     ax = fig.axes[0]
