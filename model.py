@@ -1303,22 +1303,146 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     return unmask(x)
 
 
+@torch.no_grad()
+def generate_spec(model, input_ids, src_mask=None, attention_mask=None, block_length=None, stop_at_eos=False,
+                  eos_token_id=None, callback=None):
+    """Self-speculative decoding of a block-diffusion model with a causal clean half (train_sft.py --block_size B
+    --ar_weight W): the noisy half drafts the rest of a block in parallel, the causal clean half verifies the
+    drafts in the next forward, as speculative decoding verifies a draft model's. The output is exactly the
+    clean half's greedy decoding (the model run as the causal LM it was also trained to be), whatever the
+    drafts; only the number of forwards depends on them.
+    Each forward runs, per row, its clean columns not yet cached (causally: a column sees the columns up to
+    itself) and the window of the block being drafted (with shift, from the column before the block; it sees
+    the clean columns before the block and itself, as in training). The clean outputs check the drafts left to
+    right: the first draft that differs from the clean half's argmax is replaced by it and the rest dropped,
+    and if every draft holds, the argmax after the last one is committed too. A forward thus commits at least
+    one token and at most a block's. Rows keep their own progress in one KV cache: a row's entries of rejected
+    drafts stay in the cache, hidden from it by the mask (sdpa or eager attention). The positions to generate
+    must end each row (no suffix); greedy only."""
+    from transformers import DynamicCache
+    impl = model.config._attn_implementation
+    if not (getattr(model.config, "causal_clean", False) and model.shift):
+        raise ValueError("--sampler spec needs a model whose clean half was trained causally "
+                         "(train_sft.py --block_size B --ar_weight W; config causal_clean)")
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"--sampler spec needs a 4D attention mask: sdpa or eager attention, not {impl}")
+    x0, todo0, att = _prepare(model, input_ids, src_mask, attention_mask)
+    Bl = int(block_length or model.config.block_size)
+    dev, R = x0.device, x0.shape[0]
+    real = torch.ones_like(todo0) if att is None else att.bool()
+    seqs, done = [x0[r][real[r]].clone() for r in range(R)], []
+    for r in range(R):
+        gen = todo0[r][real[r]].nonzero().squeeze(1)
+        if len(gen) and int(gen[0]) + len(gen) != len(seqs[r]):
+            raise ValueError("--sampler spec decodes left to right: the positions to generate must end each row "
+                             "(no suffix)")
+        done.append(int(gen[0]) if len(gen) else len(seqs[r]))
+    # per row: columns < done are final; [done, end) are drafts; the cache's valid entries of a row are its
+    # columns < cached, one entry each (kcol: an entry's column; valid: not a rejected draft's)
+    end, cached = list(done), [0] * R
+    act = [r for r in range(R) if done[r] < len(seqs[r])]     # the unfinished rows, in the cache's order
+    eos = eos_id(model, eos_token_id) if stop_at_eos else None
+    cache = DynamicCache()
+    kcol = torch.zeros(len(act), 0, dtype=torch.long, device=dev)
+    valid = torch.zeros(len(act), 0, dtype=torch.bool, device=dev)
+
+    def state():
+        out = x0.clone()
+        for r in range(R):
+            s = seqs[r].clone()
+            s[done[r]:] = model.mask_token_id
+            out[r, real[r].nonzero().squeeze(1)] = s
+        return out
+
+    step = 0
+    while act:
+        # this forward's columns per row: the clean ones [cached, end), then the window of the block holding `end`
+        clean = [range(cached[r], end[r]) for r in act]
+        lo = [end[r] // Bl * Bl for r in act]
+        win = [range(max(k - 1, 0), min(k + Bl, len(seqs[r])) - 1) if end[r] < len(seqs[r]) else range(0)
+               for r, k in zip(act, lo)]
+        A, n1, n2 = len(act), max(map(len, clean)), max(map(len, win))
+        Q, K = n1 + n2, kcol.shape[1]
+        ids = torch.full((A, Q), model.mask_token_id, dtype=x0.dtype, device=dev)
+        qcol = torch.full((A, Q), -1, dtype=torch.long, device=dev)      # -1: padding
+        for i, r in enumerate(act):
+            for part, at in ((clean[i], 0), (win[i], n1)):
+                c = torch.tensor(part, dtype=torch.long, device=dev)
+                ids[i, at:at + len(c)], qcol[i, at:at + len(c)] = seqs[r][c], c
+        is_clean = torch.arange(Q, device=dev)[None, :] < n1                 # [1, Q]
+        # keys: the cache's entries, then this forward's columns
+        new_col = torch.where(is_clean & (qcol >= 0), qcol, -1)
+        k_col = torch.cat([kcol, new_col], 1)                                # -1: not a clean key of this row
+        k_ok = torch.cat([valid, new_col >= 0], 1)
+        limit = torch.where(is_clean, qcol, torch.tensor(lo, device=dev)[:, None] - 1)
+        mask = k_ok[:, None, :] & (k_col[:, None, :] <= limit[:, :, None])   # a clean query sees the columns up to
+        own_win = ~is_clean & (qcol >= 0)                                    # itself, a window query those before
+        mask[:, :, K + n1:] |= own_win[:, :, None] & own_win[:, None, n1:]   # its block and all of its window
+        mask[:, :, K:].diagonal(dim1=-2, dim2=-1).fill_(True)                # every query sees itself (no empty row)
+        h = cached_forward(model, cache, input_ids=ids, attention_mask=kernel_mask(mask[:, None], impl, model.dtype),
+                           position_ids=qcol.clamp(min=0)).last_hidden_state
+        if n2:
+            cache.crop(-n2)
+        kcol, valid = torch.cat([kcol, new_col[:, :n1]], 1), torch.cat([valid, new_col[:, :n1] >= 0], 1)
+        # the LM head on the outputs that are used: each clean column from done - 1 on predicts the next
+        # column; each window column from `end` on drafts the next (the clean half gives `end` itself)
+        first = torch.tensor([[done[r] - 1, end[r]] for r in act], device=dev)
+        use = (qcol >= 0) & (qcol >= torch.where(is_clean, first[:, :1], first[:, 1:]))
+        logits = model.model.get_output_embeddings()(h[use]).float()
+        logits[:, model.mask_token_id] = float("-inf")
+        pred = torch.full((A, Q), -1, dtype=torch.long, device=dev)
+        pred[use] = logits.argmax(-1)
+        pred, qcol = pred.tolist(), qcol.tolist()
+        for i, r in enumerate(act):
+            n, d0, s = len(seqs[r]), done[r], seqs[r]
+            ar = {q + 1: t for q, t in zip(qcol[i][:n1], pred[i][:n1]) if t >= 0}   # column -> clean argmax
+            j = d0
+            while j < end[r] and int(s[j]) == ar[j]:
+                j += 1
+            if j < end[r]:                                   # a rejected draft: the clean half's token instead
+                s[j], s[j + 1:] = ar[j], model.mask_token_id
+                done[r], end[r], cached[r] = j + 1, j + 1, j
+                valid[i] &= kcol[i] < j                      # the entries from column j on saw the rejected draft
+            else:
+                cached[r] = end[r]
+                if j < n:                                    # every draft held: the next token too, and new drafts
+                    s[j] = ar[j]
+                    drafts = [(q + 1, t) for q, t in zip(qcol[i][n1:], pred[i][n1:]) if t >= 0]
+                    for q, t in drafts:
+                        s[q] = t
+                    end[r] = j + 1 + len(drafts)
+                done[r] = min(j + 1, n)
+            if eos is not None and (s[d0:done[r]] == eos).any():
+                e = d0 + int((s[d0:done[r]] == eos).nonzero()[0])
+                s[e + 1:], done[r] = eos, n
+        keep = [i for i, r in enumerate(act) if done[r] < len(seqs[r])]
+        if len(keep) < len(act):                             # finished rows leave the batch (and the cache)
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            cache.batch_select_indices(idx)
+            kcol, valid, act = kcol[idx], valid[idx], [act[i] for i in keep]
+        step += 1
+        if callback is not None:
+            callback(step, state())
+    return state()
+
+
 # -----------------------------------------------------------------------------
 # sampler settings: the flags defined once (sample.py, eval_zeroshot.py, train_sft.py's evaluation, the
 # benchmarks), one object passed whole to sample(), the rules between flags in one function
 
-SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block", "eb")
+SAMPLERS = ("diffullama", "low_confidence", "random", "threshold", "block", "eb", "spec")
 
 SAMPLER_FLAGS = {   # field: (argparse type, also applied to values given from Python; --help)
     "sampler": (one_of(SAMPLERS), "diffullama: DiffuLLaMA's (each masked position revealed with probability 1/t); "
                 "low_confidence / random: LLaDA's semi-AR blocks, committing the most confident / random positions; "
                 "threshold: Fast-dLLM's parallel decoding; block: block-diffusion models; eb: EB-sampler's "
-                "entropy-bounded parallel decoding"),
+                "entropy-bounded parallel decoding; spec: self-speculative decoding of block-diffusion models with a causal clean half "
+                "(train_sft.py --ar_weight): the noisy half drafts each block, the clean half verifies, the output is its greedy decoding"),
     "diffusion_steps": (at_least(1), "denoising steps (unset: one per generated token)"),
     "logits_temp": (real(0.0, strict=True), "diffullama: softmax temperature"),
     "topp_temp": (real(0.0, strict=True, at_most=1.0), "diffullama: top-p (1 = off)"),
     "block_length": (at_least(1), "low_confidence/random/threshold/eb: semi-AR block length (unset: the whole "
-                     "span); block: its block length (unset: the model's block_size)"),
+                     "span); block, spec: its block length (unset: the model's block_size)"),
     "temperature": (real(0.0), "low_confidence/random/threshold/eb/block: Gumbel temperature (0 = greedy)"),
     "threshold": (real(0.0, strict=True, at_most=1.0), "threshold: commit every position at least this confident "
                   f"(unset: {THRESHOLD}); block: the same within each block (unset: the even schedule of --diffusion_steps)"),
@@ -1401,6 +1525,14 @@ def check_sampler_settings(s, config=None):
         raise ValueError(f"--factor is a rule of --sampler threshold (it replaces --threshold), not of {s.sampler}")
     if s.sampler == "block" and s.block_length is None and config is not None and not getattr(config, "block_size", None):
         raise ValueError("--sampler block needs --block_length (the model's config has no block_size)")
+    if s.sampler == "spec":
+        if s.cache != "none":
+            raise ValueError("--cache: the spec sampler always caches its verified columns (exactly): leave --cache none")
+        if s.temperature > 0 or s.threshold is not None or s.factor is not None:
+            raise ValueError("--sampler spec is greedy: it takes no --temperature, --threshold or --factor")
+        if config is not None and not getattr(config, "causal_clean", False):
+            raise ValueError("--sampler spec needs a model whose clean half was trained causally "
+                             "(train_sft.py --block_size B --ar_weight W; config causal_clean)")
 
 
 def sample(model, batch, settings, generator=None, callback=None):
@@ -1416,6 +1548,9 @@ def sample(model, batch, settings, generator=None, callback=None):
         return generate_diffullama(model, **batch, diffusion_steps=steps, logits_temp=s.logits_temp,
                                    topp_temp=s.topp_temp, stop_at_eos=s.stop_at_eos, generator=generator,
                                    callback=callback)
+    if s.sampler == "spec":
+        return generate_spec(model, **batch, block_length=s.block_length or model.config.block_size,
+                             stop_at_eos=s.stop_at_eos, callback=callback)
     if s.sampler == "block":
         return generate_block(model, **batch, steps=steps, block_length=s.block_length or model.config.block_size,
                               temperature=s.temperature, threshold=s.threshold, stop_at_eos=s.stop_at_eos,

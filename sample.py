@@ -9,6 +9,7 @@ Sample from a diffusion LM: prefix-conditioned, infilling, or unconditional.
     python sample.py --model_name out/adapt --sampler threshold --block_length 32 --cache dual       # + KV cache
     python sample.py --model_name out/sft --chat --sampler threshold --block_length 32               # interactive
     python sample.py --model_name out/sft_block --sampler block --threshold 0.9   # a --block_size run, in parallel
+    python sample.py --model_name out/sft_block_ar --sampler spec   # --ar_weight run: drafted by blocks, verified
     python sample.py --model_name diffusionfamily/diffugpt-s --base_model_name gpt2   # released DiffuGPT
     python sample.py --model_name out/sft --prompt "Ann has 7 apples ..."   # an SFT run: its prompt template
     python sample.py --model_name out/sft_ar --ar --prompt "Ann has 7 apples ..."   # train_sft.py --ar: generate

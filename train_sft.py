@@ -46,7 +46,9 @@ i (LLaDA2.0), else the shift convention of the model. The model's config records
 `sample.py --sampler block` picks it up. --ar_weight W runs the clean half causally (each clean token sees the
 clean tokens up to itself, as in the AR parent) and adds W times the next-token cross-entropy of its outputs on
 the response tokens: the AR loss of the same forward, so every response token is trained as AR-SFT trains it
-while the noisy half learns to fill blocks (config causal_clean; the block sampler caches causally too).
+while the noisy half learns to fill blocks (config causal_clean; the block sampler caches causally too). Such a
+model also decodes with `sample.py --sampler spec`: the noisy half drafts each block, the clean half verifies it,
+and the answer is the clean half's greedy decoding in fewer forwards than tokens.
 
 Parallel decoding (docs/training.md): --certainty_weight adds the entropy of the predictions already right on
 masked positions (the logits that predict position i, at i - 1 with shift), --complementary trains each row on

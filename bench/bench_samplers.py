@@ -59,6 +59,7 @@ CONFIGS = {
     "threshold0.7": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.7)),
     "threshold0.9+prefix": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.9, cache="prefix")),
     "threshold0.9+dual": ("threshold", dict(diffusion_steps=256, block_length=32, threshold=0.9, cache="dual")),
+    "spec": ("spec", dict()),
     "ar_greedy": ("ar", dict(do_sample=False)),
     "ar_sampled": ("ar", dict(do_sample=True, top_p=0.9, temperature=1.0)),
 }
@@ -73,7 +74,8 @@ def config(name):
     optional @<temperature> (Gumbel noise; greedy without), e.g. threshold0.5+dual, factor1.0,
     threshold0.9+dual@1.0, eb0.5, eb1+dual; 32-token blocks. For block-diffusion models (train_sft.py
     --block_size): block (one token a step) or block<c> (threshold c within each block), in the model's
-    blocks (or --block_length's), cached exactly by the sampler itself (no +cache)."""
+    blocks (or --block_length's), cached exactly by the sampler itself (no +cache); spec for those trained
+    with a causal clean half (--ar_weight): self-speculative decoding, the clean half's greedy tokens."""
     if name in CONFIGS:
         return CONFIGS[name]
     m = CONFIG_RE.match(name)

@@ -165,6 +165,7 @@ def test_config_names():
     assert bs.config("eb1+dual") == ("eb", dict(diffusion_steps=256, block_length=32, cache="dual", gamma=1.0))
     assert bs.config("eb0+prefix@0.7") == ("eb", dict(diffusion_steps=256, block_length=32, cache="prefix", gamma=0.0,
                                                       temperature=0.7))
+    assert bs.config("spec") == ("spec", {})
     assert bs.config("block") == ("block", dict(diffusion_steps=256, block_length=None, cache="none", threshold=None))
     assert bs.config("block0.9@1.0") == ("block", dict(diffusion_steps=256, block_length=None, cache="none",
                                                        threshold=0.9, temperature=1.0))

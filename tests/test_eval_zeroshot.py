@@ -279,13 +279,19 @@ def sampler_modes():
 
 
 @pytest.mark.parametrize("sampler, cache", sampler_modes())
-def test_every_sampler_and_cache_is_reachable_from_the_command_line(models, data_dir, sampler, cache, monkeypatch):
+def test_every_sampler_and_cache_is_reachable_from_the_command_line(models, data_dir, sampler, cache, monkeypatch, tmp_path):
     import model
+    name = models["dlm"]
+    if sampler == "spec":   # self-speculative decoding needs a causal clean half (train_sft.py --ar_weight)
+        m = DiscreteDiffusionModel.from_pretrained(name)
+        m.config.causal_clean = True
+        m.save_pretrained(tmp_path / "spec")
+        name = str(tmp_path / "spec")
     seen, refreshed = [], []
     real_sample, real_refresh = ez.sample, model.refresh_cache
     monkeypatch.setattr(ez, "sample", lambda m, b, s, **k: seen.append(s) or real_sample(m, b, s, **k))
     monkeypatch.setattr(model, "refresh_cache", lambda *a, **k: refreshed.append(a[4]) or real_refresh(*a, **k))
-    res = ez.main(["--model_name", models["dlm"], "--tasks", "gsm8k", "--data_dir", data_dir, "--gen_len", "4",
+    res = ez.main(["--model_name", name, "--tasks", "gsm8k", "--data_dir", data_dir, "--gen_len", "4",
                    "--no_progress", "--sampler", sampler, "--cache", cache, "--block_length", "2"])
     assert res["metrics"]["gsm8k"]["n"] == 2
     assert seen and all(s == SamplerSettings(sampler, diffusion_steps=None, block_length=2, cache=cache) for s in seen)

@@ -96,7 +96,8 @@ def test_blocks_of_one_are_greedy_left_to_right_decoding(dlm, sampler, cache):
 
 
 @pytest.mark.parametrize("tokens", ["greedy", "sampled"])
-@pytest.mark.parametrize("sampler, cache", [(s, c) for s in ALL_SAMPLERS for c in CACHE_MODES if allowed(s, c)])
+# spec is greedy and needs a causal clean half: its batch-equals-alone test is in test_train_sft.py
+@pytest.mark.parametrize("sampler, cache", [(s, c) for s in ALL_SAMPLERS if s != "spec" for c in CACHE_MODES if allowed(s, c)])
 def test_row_generators_make_a_padded_batch_equal_each_row_alone(dlm, sampler, cache, tokens):
     """With one generator per row every sampler, random reveal orders included, gives each row of a
     left-padded batch exactly what that prompt gives alone with its generator."""

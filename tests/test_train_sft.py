@@ -16,7 +16,7 @@ from conftest import ROOT, assert_close_weights, kill_then_resume, save_tiny_ar,
 from common import synthetic, synthetic_arith
 import train_sft
 from model import (DiscreteDiffusionModel, block_diffusion_mask, block_inputs, diffusion_loss, generate_block,
-                   layout_rows, maskable_positions, noise_draw, propose, commit_top,
+                   generate_spec, layout_rows, maskable_positions, noise_draw, propose, commit_top,
                    transfer_schedule)
 from test_train_adapt import load_weights, read_log, single_process, subprocess_env  # noqa: F401 (autouse fixture)
 
@@ -298,6 +298,79 @@ def test_block_sampler_threshold_commits_several_and_stops_when_every_row_has_fi
     assert len(seen) == 1 and seen.pop() < one_a_step
 
 
+def reference_causal_greedy(m, prompt, n, B):
+    """Greedy decoding of the clean half as a causal LM, without a cache: each token is the argmax of the clean
+    logits of the training forward (block_inputs on the sequence so far) at the last column."""
+    x = list(prompt)
+    for _ in range(n):
+        t = torch.tensor([x + [0]])
+        last = torch.zeros_like(t, dtype=torch.bool)
+        last[0, -1] = True
+        with torch.no_grad():
+            _, clean = m(block_inputs(t, t, B, True), block_size=B, target_mask=last, clean_target_mask=last)
+        clean = clean.float()
+        clean[:, m.mask_token_id] = float("-inf")
+        x.append(int(clean.argmax(-1)))
+    return x
+
+
+def count_forwards(m, fn):
+    calls = []
+    hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
+    try:
+        return fn(), len(calls)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_spec_sampler_is_the_clean_halfs_greedy_decoding(B, impl):
+    """The self-speculative sampler's tokens are those of the clean half decoded greedily as a causal LM (a
+    reference without a cache), for rows of different prompt lengths in one batch and alone; a forward commits
+    at least one token of the longest row."""
+    torch.manual_seed(1)
+    m = tiny_model(True, impl=impl, seed=3)
+    m.config.causal_clean = True
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4)
+    rows = [([1, 10, 11, 12, 13], 9, []), ([1, 14], 7, []), ([1, 20, 21], 12, [])]
+    batch = layout_rows(rows, m.mask_token_id, 0)
+    out, n = count_forwards(m, lambda: generate_spec(m, **batch, block_length=B))
+    assert n <= 12
+    for b, (pre, k, _) in enumerate(rows):
+        ref = reference_causal_greedy(m, pre, k, B)
+        assert out[b][batch["attention_mask"][b].bool()].tolist() == ref
+        alone = generate_spec(m, **layout_rows([rows[b]], m.mask_token_id, 0), block_length=B)
+        assert alone[0].tolist() == ref
+    # stop_at_eos: a row that writes EOS is filled with it and leaves the batch, the others go on as before
+    eos = reference_causal_greedy(m, rows[1][0], 7, B)[4]                 # row 1's third generated token
+    out, n_eos = count_forwards(m, lambda: generate_spec(m, **batch, block_length=B, stop_at_eos=True, eos_token_id=eos))
+    for b, (pre, k, _) in enumerate(rows):
+        ref = reference_causal_greedy(m, pre, k, B)
+        cut = ref.index(eos, len(pre)) if eos in ref[len(pre):] else len(ref) - 1
+        assert out[b][batch["attention_mask"][b].bool()].tolist() == ref[:cut + 1] + [eos] * (len(ref) - cut - 1)
+    assert n_eos <= n
+
+
+def test_spec_sampler_refuses_what_it_cannot_decode():
+    m = tiny_model(True, seed=3)
+    batch = layout_rows([([1, 10, 11], 4, [])], m.mask_token_id, 0)
+    with pytest.raises(ValueError, match="causal_clean"):
+        generate_spec(m, **batch, block_length=2)                       # a clean half never trained causally
+    m.config.causal_clean = True
+    with pytest.raises(ValueError, match="no suffix"):
+        generate_spec(m, **layout_rows([([1, 10], 3, [11, 12])], m.mask_token_id, 0), block_length=2)
+    from model import SamplerSettings, check_sampler_settings
+    for kw, msg in ((dict(temperature=0.5), "greedy"), (dict(threshold=0.5), "greedy"), (dict(cache="dual"), "--cache")):
+        with pytest.raises(ValueError, match=msg):
+            check_sampler_settings(SamplerSettings("spec", **kw))
+    m.config.causal_clean = False
+    with pytest.raises(ValueError, match="causal_clean"):
+        check_sampler_settings(SamplerSettings("spec"), m.config)
+
+
 # ----------------------------------------------------------------------------- synthetic data
 
 def test_synthetic_arith_seeded_disjoint_and_correct():
@@ -340,6 +413,15 @@ def test_toy_mapping_is_learnt(mode, setup):
     for b, r in enumerate(TOY):
         text = tok.decode(got[b][~batch["src_mask"][b]].tolist(), skip_special_tokens=True)
         assert text.split() == r["output"].split()
+    if mode == "block_ar":   # self-speculative decoding: the clean half's tokens (the answer, then EOS padding),
+        prompts = [batch["input_ids"][b][batch["src_mask"][b] & batch["attention_mask"][b].bool()].tolist() for b in range(len(TOY))]
+        long = layout_rows([(p, 8, []) for p in prompts], m.mask_token_id, tok.eos_token_id)
+        spec, n = count_forwards(m, lambda: sample(m, long, SamplerSettings(sampler="spec")))
+        for b in range(len(TOY)):
+            real = long["attention_mask"][b].bool()
+            assert spec[b][real].tolist() == reference_causal_greedy(m, prompts[b], 8, 2)
+            assert tok.decode(spec[b][real][len(prompts[b]):].tolist(), skip_special_tokens=True).split() == TOY[b]["output"].split()
+        assert n < 8                                          # in fewer forwards than tokens: drafts were kept
     if block:   # sample.py picks the block size up from the config
         import sample as sample_py
         res = sample_py.main(["--model_name", str(out / "final"), "--sampler", "block", "--gen_len", "4",
