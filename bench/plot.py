@@ -27,7 +27,7 @@ the JSON lines bench/bench_samplers.py --results writes.
 accuracy: accuracy (with its standard error) against tokens/s, one panel per batch size, from the JSON
 lines bench/bench_samplers.py --results writes on a task (--prompts synthetic_sort, gsm8k, ...); one color
 per model (several files or models overlay), one marker per configuration, the ar_* rows (the AR model,
-e.g. the AR-SFT parent) as black stars.
+e.g. the AR-SFT parent) as stars, black then greys (one per AR model).
 
 ratios: the zero-shot ratios diffusion / AR parent, from the JSON lines bench/zeroshot_table.py --jsonl writes
 (row, task, metric, ratio): grouped bars, one group per task (labelled with its metric), one color per row;
@@ -330,16 +330,21 @@ def draw_speed(path):
     return fig
 
 
+AR_GREYS = ("black", "0.45", "0.7")   # the AR models' stars, one grey each
+
+
 def draw_accuracy(paths):
     panels = accuracy_series(paths)
     rows = [r for p in panels.values() for r in p]
     models = list(dict.fromkeys(m for m, c, *_ in rows if not c.startswith("ar_")))
     configs = list(dict.fromkeys(c for _, c, *_ in rows if not c.startswith("ar_")))
+    ar_models = list(dict.fromkeys(m for m, c, *_ in rows if c.startswith("ar_")))
     fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False, figsize=(5.5 * len(panels) + 3, 5.5))
     for ax, (bs, points) in zip(axes[0], panels.items()):
         for model, name, tps, acc, se in points:
             if name.startswith("ar_"):
-                ax.errorbar([tps], [acc], yerr=[se], color="black", marker="*", ms=14, capsize=3, ls="",
+                ax.errorbar([tps], [acc], yerr=[se], color=AR_GREYS[ar_models.index(model) % len(AR_GREYS)], marker="*",
+                            ms=14, capsize=3, ls="",
                             label=f"{short(model)}: {name}")
             else:
                 ax.errorbar([tps], [acc], yerr=[se], color=f"C{models.index(model) % 10}", capsize=2, ls="", ms=8,
@@ -347,6 +352,7 @@ def draw_accuracy(paths):
                             label=f"{short(model)}: {name}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))   # a range within a decade has no major tick
         ax.set_xlabel("tokens/s (log scale)")
         ax.set_title(f"batch {bs}")
         ax.grid(alpha=0.3, which="both")

@@ -145,6 +145,10 @@ def test_accuracy_plot_draws_the_files(tmp_path):
         assert stars == [[ar, 0.9]]
     se = math.sqrt(0.81 * 0.19 / 100)
     bars = [seg for c in fig.axes[0].collections for seg in c.get_segments()]
+    two = [r for r in ACC if r["config"] == "ar_greedy"]     # two AR models: two greys of star
+    fig2 = plot.draw_accuracy([write_jsonl(tmp_path / "c.jsonl", two + [{**r, "ar_model": "out/seed2/final"} for r in two])])
+    colors = [ln.get_color() for ln in fig2.axes[0].get_lines() if ln.get_marker() == "*"]
+    assert len(colors) == 2 and colors[0] != colors[1]
     assert any(abs(seg[0][1] - (0.81 - se)) < 1e-9 and abs(seg[1][1] - (0.81 + se)) < 1e-9 for seg in bars)
 
 
