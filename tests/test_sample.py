@@ -486,7 +486,7 @@ def test_chat_loop_keeps_the_conversation(dlm, capsys):
 # -- sampler settings: flags once, checked once ------------------------------------------------------------
 
 BAD_SAMPLER_FLAGS = [
-    (["--sampler", "beam"], "--sampler must be one of diffullama, low_confidence, random, threshold, block, eb, got 'beam'"),
+    (["--sampler", "beam"], "--sampler must be one of diffullama, low_confidence, random, threshold, block, eb, spec, got 'beam'"),
     (["--diffusion_steps", "0"], "--diffusion_steps must be >= 1, got 0"),
     (["--block_length", "2.5"], "--block_length must be a whole number, got '2.5'"),
     (["--topp_temp", "1.5"], "--topp_temp must be in (0, 1], got 1.5"),
@@ -532,7 +532,8 @@ def test_sample_and_eval_share_the_flags_and_show_defaults(capsys):
     ours, full = helps(sample_script.parse_args)
     theirs, eval_full = helps(ez.parse_args)
     assert "--diffusion_steps DIFFUSION_STEPS" in ours and "--stop_at_eos" in ours and "--stop_at_eos" not in theirs
-    assert "(default: 64)" in ours and "(default: diffullama)" in ours and "(default: low_confidence)" in theirs
+    flat = lambda text: " ".join(text.split())                        # argparse wraps long help lines anywhere
+    assert "(default: 64)" in flat(ours) and "(default: diffullama)" in flat(ours) and "(default: low_confidence)" in flat(theirs)
     assert "--gen_len GEN_LEN number of new tokens (default: 128)" in " ".join(full.split())
     assert "--batch_size BATCH_SIZE sequences per forward (default: 32)" in " ".join(eval_full.split())
     norm = lambda text: [line.strip() for line in " ".join(text.split()).replace("(default: 64) ", "").replace(
