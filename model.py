@@ -1303,6 +1303,10 @@ def generate_block(model, input_ids, src_mask=None, attention_mask=None, steps=6
     return unmask(x)
 
 
+SPEC_NEEDS = ("--sampler spec needs a model whose clean half was trained causally "
+              "(train_sft.py --block_size B --ar_weight W; config causal_clean)")
+
+
 @torch.no_grad()
 def generate_spec(model, input_ids, src_mask=None, attention_mask=None, block_length=None, stop_at_eos=False,
                   eos_token_id=None, callback=None):
@@ -1322,8 +1326,7 @@ def generate_spec(model, input_ids, src_mask=None, attention_mask=None, block_le
     from transformers import DynamicCache
     impl = model.config._attn_implementation
     if not (getattr(model.config, "causal_clean", False) and model.shift):
-        raise ValueError("--sampler spec needs a model whose clean half was trained causally "
-                         "(train_sft.py --block_size B --ar_weight W; config causal_clean)")
+        raise ValueError(SPEC_NEEDS)
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"--sampler spec needs a 4D attention mask: sdpa or eager attention, not {impl}")
     x0, todo0, att = _prepare(model, input_ids, src_mask, attention_mask)
@@ -1531,8 +1534,7 @@ def check_sampler_settings(s, config=None):
         if s.temperature > 0 or s.threshold is not None or s.factor is not None:
             raise ValueError("--sampler spec is greedy: it takes no --temperature, --threshold or --factor")
         if config is not None and not getattr(config, "causal_clean", False):
-            raise ValueError("--sampler spec needs a model whose clean half was trained causally "
-                             "(train_sft.py --block_size B --ar_weight W; config causal_clean)")
+            raise ValueError(SPEC_NEEDS)
 
 
 def sample(model, batch, settings, generator=None, callback=None):

@@ -250,6 +250,15 @@ def test_block_sampler_equals_uncached_training_forward(shift, causal, B, thresh
         assert torch.equal(alone[0], ref[0])
 
 
+def count_forwards(m, fn):
+    calls = []
+    hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
+    try:
+        return fn(), len(calls)
+    finally:
+        hook.remove()
+
+
 def test_block_sampler_batch_of_unequal_prompts_runs_the_longest_rows_blocks():
     """Rows whose prompts differ in length share their blocks' columns (each row moved right by whole blocks), so
     a batch costs the forwards of its costliest row alone, not those plus the spread of its prompt lengths."""
@@ -257,11 +266,8 @@ def test_block_sampler_batch_of_unequal_prompts_runs_the_longest_rows_blocks():
     rows = [([1] + list(range(10, 13)), 8, []), ([1] + list(range(20, 31)), 8, [])]   # prompts of 4 and 12 tokens
 
     def forwards(rows):
-        calls = []
-        hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
-        out = generate_block(m, **layout_rows(rows, m.mask_token_id, 0), steps=8, block_length=4)
-        hook.remove()
-        return len(calls), out
+        out, n = count_forwards(m, lambda: generate_block(m, **layout_rows(rows, m.mask_token_id, 0), steps=8, block_length=4))
+        return n, out
 
     n, out = forwards(rows)
     alone = [forwards([r]) for r in rows]
@@ -281,11 +287,8 @@ def test_block_sampler_threshold_commits_several_and_stops_when_every_row_has_fi
 
     def forwards(n, **kw):
         batch = layout_rows([([1, 10, 11, 12, 13], n, [])], m.mask_token_id, 0)
-        calls = []
-        hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
-        out = generate_block(m, **batch, steps=n, block_length=4, **kw)
-        hook.remove()
-        return len(calls), out[0]
+        out, k = count_forwards(m, lambda: generate_block(m, **batch, steps=n, block_length=4, **kw))
+        return k, out[0]
 
     one_a_step, out = forwards(12)
     assert forwards(12, threshold=0.01)[0] < one_a_step
@@ -312,15 +315,6 @@ def reference_causal_greedy(m, prompt, n, B):
         clean[:, m.mask_token_id] = float("-inf")
         x.append(int(clean.argmax(-1)))
     return x
-
-
-def count_forwards(m, fn):
-    calls = []
-    hook = m.model.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
-    try:
-        return fn(), len(calls)
-    finally:
-        hook.remove()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
