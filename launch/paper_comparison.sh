@@ -15,7 +15,8 @@
 # SEQ_LEN (512), ANNEAL (annealing steps, 60), SAVE_EVERY (40), TASKS (the suite), LIMIT (examples a task, 500),
 # MC_NUM (ELBO draws, 32), SFT_STEPS (GSM8K steps of both models at batch 8: 2800, three epochs of the 7,473
 # problems), SFT_SEQ_LEN (320), N_TEST (GSM8K test problems answered, 500), GEN_LEN (their longest answer, 128),
-# BLOCK (the diffusion decoders' block length, 32), DTYPE (training, bfloat16; evaluation runs in float32).
+# BLOCK (the diffusion decoders' block length, 32), AR_WEIGHT (the block stage's --ar_weight, 4), DTYPE (training,
+# bfloat16; evaluation runs in float32).
 # On one H100 the adaptation took 71 s; the rest is evaluation and fine-tuning.
 # Every stage skips what it finished before, and an interrupted training run goes on from its last checkpoint:
 # rerunning the same command continues.
@@ -41,6 +42,7 @@ N_TEST="${N_TEST:-500}"
 SFT_SEQ_LEN="${SFT_SEQ_LEN:-320}"
 GEN_LEN="${GEN_LEN:-128}"
 BLOCK="${BLOCK:-32}"
+AR_WEIGHT="${AR_WEIGHT:-4}"
 DTYPE="${DTYPE:-bfloat16}"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 resume() { if [ -e "$1/latest" ]; then echo --resume; fi; }   # a run with a checkpoint is continued, never replaced
@@ -90,13 +92,14 @@ if has gsm8k; then
 fi
 
 # GSM8K block diffusion from the parent itself: blocks of 2, the clean half causal and trained with the AR loss
-# (train_sft.py --ar_weight 1), the data, steps and schedule of the two runs above; its test answers one token a
-# step and with threshold 0.5 (the AR-SFT row is in gsm8k_bench.jsonl)
+# (train_sft.py --ar_weight), the data, steps and schedule of the two runs above; its test answers one token a
+# step, with threshold 0.5 and self-speculatively (spec: the clean half's greedy answers, the noisy half drafting;
+# the AR-SFT row is in gsm8k_bench.jsonl)
 if has block; then
-  python train_sft.py --model_name "$MODEL" --data "$DATA_DIR/gsm8k_train.json" --block_size 2 --ar_weight 1 \
+  python train_sft.py --model_name "$MODEL" --data "$DATA_DIR/gsm8k_train.json" --block_size 2 --ar_weight "$AR_WEIGHT" \
     --batch_size 8 --lr 2e-4 --min_lr 2e-5 --warmup_steps 20 --seq_len "$SFT_SEQ_LEN" --keep_last 1 --dtype "$DTYPE" \
     --max_steps "$SFT_STEPS" --eval_every 0 --save_every 120 --out_dir "$OUT/gsm8k/block" $(resume "$OUT/gsm8k/block")
   python bench/bench_samplers.py --model_name "$OUT/gsm8k/block/final" --prompts "$DATA_DIR/gsm8k_test.json" \
-    --n_prompts "$N_TEST" --batch_sizes 8 --gen_len "$GEN_LEN" --configs block,block0.5 --dtype float32 \
+    --n_prompts "$N_TEST" --batch_sizes 8 --gen_len "$GEN_LEN" --configs block,block0.5,spec --dtype float32 \
     --results "$OUT/gsm8k_block_bench.jsonl" --answers "$OUT/gsm8k_block_answers.jsonl"
 fi

@@ -62,8 +62,8 @@ def test_paper_comparison_runs_every_stage(tmp_path):
     """launch/paper_comparison.sh on a tiny model and tiny copies of the shared files: the adaptation, LAMBADA of
     the parent and of every checkpoint, the suite of both, the ratio table and plot, AR-SFT and diffusion SFT on
     GSM8K and their answers (the AR-SFT baseline starting from the adapted checkpoint's AR parent), block diffusion
-    with the AR loss from the parent and its answers; run again, it continues the finished adaptation and trains
-    nothing."""
+    with the AR loss (AR_WEIGHT) from the parent and its answers, `spec` among them; run again, it continues the
+    finished adaptation and trains nothing."""
     from test_eval_zeroshot import LAMBADA, RECORDS, write_jsonl
     rng = random.Random(0)
     data = tmp_path / "data"
@@ -78,7 +78,8 @@ def test_paper_comparison_runs_every_stage(tmp_path):
     out = tmp_path / "paper"
     env = dict(subprocess_env(), MODEL=save_tiny_ar(tmp_path / "tiny", max_pos=256), DATA_DIR=str(data), OUT=str(out),
                ADAPT_STEPS="2", BATCH="2", SEQ_LEN="32", ANNEAL="1", SAVE_EVERY="2", TASKS="lambada,piqa", LIMIT="2",
-               MC_NUM="2", SFT_STEPS="1", SFT_SEQ_LEN="48", N_TEST="2", GEN_LEN="4", BLOCK="2", DTYPE="float32")
+               MC_NUM="2", SFT_STEPS="1", SFT_SEQ_LEN="48", N_TEST="2", GEN_LEN="4", BLOCK="2", AR_WEIGHT="3",
+               DTYPE="float32")
     script = os.path.join(ROOT, "launch", "paper_comparison.sh")
     r = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -96,10 +97,10 @@ def test_paper_comparison_runs_every_stage(tmp_path):
     assert sorted(r["config"] for r in rows) == ["ar_greedy", "low_confidence", "threshold0.9+dual"]
     assert all(r["n_prompts"] == 2 and r["accuracy"] is not None for r in rows)
     args = json.loads((out / "gsm8k" / "block" / "args.json").read_text())
-    assert (args["model_name"], args["block_size"], args["ar_weight"]) == (env["MODEL"], 2, 1.0)
+    assert (args["model_name"], args["block_size"], args["ar_weight"]) == (env["MODEL"], 2, 3.0)
     assert json.loads((out / "gsm8k" / "block" / "final" / "config.json").read_text())["causal_clean"] is True
     rows = [json.loads(line) for line in (out / "gsm8k_block_bench.jsonl").read_text().splitlines()]
-    assert sorted(r["config"] for r in rows) == ["block", "block0.5"] and all(r["n_prompts"] == 2 for r in rows)
+    assert sorted(r["config"] for r in rows) == ["block", "block0.5", "spec"] and all(r["n_prompts"] == 2 for r in rows)
     log = (out / "adapt" / "log.jsonl").read_text()
     r = subprocess.run(["bash", script], cwd=ROOT, env=dict(env, STAGES="adapt"), capture_output=True, text=True,
                        timeout=600)
