@@ -15,7 +15,7 @@
 # SEQ_LEN (512), ANNEAL (annealing steps, 60), SAVE_EVERY (40), TASKS (the suite), LIMIT (examples a task, 500),
 # MC_NUM (ELBO draws, 32), SFT_STEPS (GSM8K steps of both models at batch 8: 2800, three epochs of the 7,473
 # problems), SFT_SEQ_LEN (320), N_TEST (GSM8K test problems answered, 500), GEN_LEN (their longest answer, 128),
-# BLOCK (the diffusion decoders' block length, 32), AR_WEIGHT (the block stage's --ar_weight, 4), DTYPE (training,
+# BLOCK (the diffusion decoders' block length, 32), AR_WEIGHT (the block stage's --ar_weight, 8), DTYPE (training,
 # bfloat16; evaluation runs in float32).
 # On one H100 the adaptation took 71 s; the rest is evaluation and fine-tuning.
 # Every stage skips what it finished before, and an interrupted training run goes on from its last checkpoint:
@@ -42,7 +42,7 @@ N_TEST="${N_TEST:-500}"
 SFT_SEQ_LEN="${SFT_SEQ_LEN:-320}"
 GEN_LEN="${GEN_LEN:-128}"
 BLOCK="${BLOCK:-32}"
-AR_WEIGHT="${AR_WEIGHT:-4}"
+AR_WEIGHT="${AR_WEIGHT:-8}"
 DTYPE="${DTYPE:-bfloat16}"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 resume() { if [ -e "$1/latest" ]; then echo --resume; fi; }   # a run with a checkpoint is continued, never replaced
